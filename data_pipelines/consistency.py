@@ -8,7 +8,10 @@ The check: unproject the valid pixels of view i with its depth, intrinsics and p
 into view j, and compare their camera-j depth with view j's depth map at that spot. View j's depth
 is interpolated bilinearly in *inverse* depth, which is exact inside a planar patch (1/z is affine
 in pixel coordinates on a plane); points whose four neighbours are not all valid are skipped.
-Occluded points remain in the set, so report a median rather than a mean.
+Points that land more than `occlusion_margin` *behind* the surface view j sees are taken as
+occluded in j and skipped. Points in front of that surface are never skipped: with consistent
+geometry view j would have seen them, so they are errors. A wrong pose convention or depth unit
+puts most points in front of or far from the surface, so it still shows as a large error.
 """
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ def unproject(depth: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray) -> np.
     return cam @ pose[:3, :3].T + pose[:3, 3]
 
 
-def reprojection_errors(scene: Scene, src: int, dst: int) -> np.ndarray:
-    """Relative depth errors float64[N] |z_pred - z_dst| / z_dst of view src's valid pixels seen in view dst."""
+def reprojection_errors(scene: Scene, src: int, dst: int, occlusion_margin: float = 0.05) -> np.ndarray:
+    """Relative depth errors float64[N] |z_pred - z_dst| / z_dst of view src's valid pixels that land
+    inside view dst, are not occluded there (z_pred <= (1 + occlusion_margin) z_dst) and have four
+    valid neighbours."""
     valid = scene.depth[src] > 0
     points = unproject(scene.depth[src], scene.intrinsics[src], scene.c2w[src])[valid]
     pose = scene.c2w[dst].astype(np.float64)
@@ -48,7 +53,8 @@ def reprojection_errors(scene: Scene, src: int, dst: int) -> np.ndarray:
     inv = 1.0 / np.where(corners > 0, corners, 1.0)
     weights = np.stack([(1 - fu) * (1 - fv), fu * (1 - fv), (1 - fu) * fv, fu * fv])
     z_dst = 1.0 / np.sum(weights * inv, axis=0)
-    return (np.abs(z - z_dst) / z_dst)[ok]
+    visible = ok & (z <= (1 + occlusion_margin) * z_dst)
+    return (np.abs(z - z_dst) / z_dst)[visible]
 
 
 def median_reprojection_error(scene: Scene, pairs: list[tuple[int, int]] | None = None) -> float:

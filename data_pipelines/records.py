@@ -240,6 +240,8 @@ def _clean_depth(depth: np.ndarray, v: int, rid: str, strict: bool) -> np.ndarra
 def _decode_qa(record: dict, selected: list[int], num_views: int, rid: str) -> tuple[QAPair, ...]:
     """QA pairs whose views are all selected, with views and markers renumbered to the selection."""
     qa = record.get("qa") or {}
+    if isinstance(qa, list):  # as `scene_to_record` wrote it; tfds returns a dict of lists
+        qa = {k: [q[k] for q in qa] for k in qa[0]}
     questions = qa.get("question", [])
     remap = {old: new for new, old in enumerate(selected)}
     out = []
@@ -321,7 +323,8 @@ class VQASample:
                              "include a user and an assistant turn")
         for im in self.images:
             if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
-                raise ValueError(f"VQA sample {self.sample_id!r}: image is {im.dtype}{list(im.shape)}, expected uint8[H, W, 3]")
+                raise ValueError(f"VQA sample {self.sample_id!r}: image is {im.dtype}{list(im.shape)}, "
+                                 "expected uint8[H, W, 3]")
 
 
 def vqa_features() -> tfds.features.FeaturesDict:

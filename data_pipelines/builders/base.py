@@ -35,6 +35,17 @@ class SceneRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     def __init__(self, *, file_format: str = "array_record", **kwargs):
         super().__init__(file_format=file_format, **kwargs)
 
+    CONFIG_CLASS: type = tfds.core.BuilderConfig  # the config type this builder reads its settings from
+
+    @property
+    def settings(self):
+        """The builder config, checked: manual-data builders have no predefined configs, so every
+        build names one (the converters in data_pipelines.convert do)."""
+        if not isinstance(self.builder_config, self.CONFIG_CLASS):
+            raise ValueError(f"{self.name} needs config={self.CONFIG_CLASS.__name__}(name=...), got "
+                             f"{self.builder_config!r}; data_pipelines.convert builds one for you")
+        return self.builder_config
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=(self.__doc__ or "").strip(),
                                      features=records.scene_features(), disable_shuffling=True)
@@ -68,3 +79,25 @@ def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | pathlib.Path | 
     config = tfds.download.DownloadConfig(manual_dir=str(manual_dir)) if manual_dir is not None else None
     builder.download_and_prepare(download_config=config)
     return {name: info.num_examples for name, info in builder.info.splits.items()}
+
+
+class SceneSource:
+    """Random-access decoded scenes of one split: `len(src)`, `src[i] -> Scene` (deterministic).
+    `src.records[i]` is the raw record, for callers that decode a view subset themselves."""
+
+    def __init__(self, records_source, strict: bool = True):
+        self.records, self.strict = records_source, strict
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        return records.record_to_scene(self.records[index], strict=self.strict)
+
+
+def open_scenes(name: str, *, split: str, data_dir: str | pathlib.Path, strict: bool = True,
+                builder_kwargs: dict | None = None) -> SceneSource:
+    """Opens '<builder>/<config>' (ArrayRecord, no TensorFlow). Registered builders that can build
+    offline (the synthetic ones) are built on first use; converted datasets must exist already."""
+    source = tfds.data_source(name, split=split, data_dir=str(data_dir), builder_kwargs=builder_kwargs)
+    return SceneSource(source, strict=strict)

@@ -51,16 +51,17 @@ _CONFIGS = [
 
 
 class _SyntheticBase(SceneRecordBuilder, skip_registration=True):
+    CONFIG_CLASS = SyntheticConfig
     BUILDER_CONFIGS = _CONFIGS
 
     def _split_generators(self, dl_manager):
-        cfg: SyntheticConfig = self.builder_config
+        cfg = self.settings
         if len(cfg.num_scenes) != len(SPLITS) or min(cfg.num_scenes) < 0:
             raise ValueError(f"SyntheticConfig.num_scenes={cfg.num_scenes}: give one count >= 0 per split {SPLITS}")
         return {split: self._generate_examples(split, n) for split, n in zip(SPLITS, cfg.num_scenes) if n > 0}
 
     def _generate_examples(self, split: str, count: int):
-        for index in tqdm.trange(count, desc=f"{self.name}/{self.builder_config.name} {split}", leave=False):
+        for index in tqdm.trange(count, desc=f"{self.name}/{self.settings.name} {split}", leave=False):
             yield f"{index:08d}", records.scene_to_record(self._scene(split, index))
 
 
@@ -68,12 +69,12 @@ class SyntheticScenes(_SyntheticBase):
     """Procedurally rendered rooms with exact depth, poses and intrinsics (no QA)."""
 
     def _scene(self, split: str, index: int):
-        return render_scene(split, index, self.builder_config.render).scene
+        return render_scene(split, index, self.settings.render).scene
 
 
 class SyntheticSpatialQa(_SyntheticBase):
     """The scenes of synthetic_scenes with spatial questions whose answers are exact."""
 
     def _scene(self, split: str, index: int):
-        cfg: SyntheticConfig = self.builder_config
+        cfg = self.settings
         return synthetic_qa_scene(split, index, cfg.render, cfg.qa).scene

@@ -120,7 +120,8 @@ def _camera_path(rng: np.random.Generator, hx: float, hy: float, room_h: float, 
         a, b = (a, b) if rng.random() < 0.5 else (b, a)
         steps = np.linspace(0, 1, n)[:, None]
         xy = a + (b - a) * steps
-        heading = np.arctan2(*(b - a)[::-1]) + rng.uniform(-0.7, 0.7) * np.sin(np.pi * steps[:, 0] * rng.uniform(0.5, 2))
+        pan = rng.uniform(-0.7, 0.7) * np.sin(np.pi * steps[:, 0] * rng.uniform(0.5, 2))
+        heading = np.arctan2(*(b - a)[::-1]) + pan
         pitch = rng.uniform(0.15, 0.5)
         eyes = np.concatenate([xy, np.full((n, 1), height)], axis=1)
         look = np.stack([np.cos(heading) * np.cos(pitch), np.sin(heading) * np.cos(pitch),
@@ -276,7 +277,8 @@ def _albedo(points, surface, layout: Layout) -> np.ndarray:
     checker = (np.floor(points[:, 0] / tex["tile"]) + np.floor(points[:, 1] / tex["tile"])) % 2
     floor = tex["floor"][checker.astype(int)] * (1 + 0.15 * noise)
     walls = tex["walls"][np.clip(surface - 2, 0, 3)] * (1 + 0.25 * np.sin(6 * points[:, 2:3] + 3 * noise))
-    room = np.select([surface[:, None] == 0, surface[:, None] == 1], [floor, tex["ceiling"] * (1 + 0.05 * noise)], walls)
+    ceiling = tex["ceiling"] * (1 + 0.05 * noise)
+    room = np.select([surface[:, None] == 0, surface[:, None] == 1], [floor, ceiling], walls)
     colours = np.array([COLOURS[o.colour] for o in layout.objects] + [(0.0, 0.0, 0.0)])
     obj = colours[np.clip(surface - NUM_ROOM_SURFACES, 0, len(layout.objects))] * (1 + 0.1 * noise)
     return np.where(surface[:, None] >= NUM_ROOM_SURFACES, obj, room)

@@ -102,7 +102,8 @@ def _distance(ctx: _Context) -> QAPair | None:
         va = vb = int(both[np.argmax(np.minimum(ctx.pixels[both, a], ctx.pixels[both, b]))])
     views = (va,) if va == vb else (va, vb)
     dist = np.linalg.norm(np.subtract(ctx.layout.objects[a].center, ctx.layout.objects[b].center))
-    q = f"What is the distance between the centres of {ctx.name(a)} (marked X) and {ctx.name(b)} (marked Y)?" + _NUMERIC_SUFFIX
+    q = (f"What is the distance between the centres of {ctx.name(a)} (marked X) and {ctx.name(b)} (marked Y)?"
+         + _NUMERIC_SUFFIX)
     return QAPair(q, f"{dist:.2f}", "numeric", "distance", (), views,
                   (ctx.marker(a, va, "X"), ctx.marker(b, vb, "Y")))
 
@@ -121,8 +122,9 @@ def _closer(ctx: _Context) -> QAPair | None:
     for v, a, b in ctx.pairs_in_one_view():
         da, db = ctx.depth_of(a, v), ctx.depth_of(b, v)
         if abs(da - db) >= ctx.cfg.min_gap:
-            return ctx.choice("closer", "In image 1, which object is closer to the camera?",
-                              [ctx.name(a), ctx.name(b)], 0 if da < db else 1, (v,),
+            q = (f"In image 1, which object is closer to the camera: {ctx.name(a)} (marked X) or "
+                 f"{ctx.name(b)} (marked Y)?")
+            return ctx.choice("closer", q, [ctx.name(a), ctx.name(b)], 0 if da < db else 1, (v,),
                               (ctx.marker(a, v, "X"), ctx.marker(b, v, "Y")))
     return None
 
@@ -156,7 +158,8 @@ def _direction(ctx: _Context) -> QAPair | None:
             correct = 2 if dz < 0 else 3
         else:
             continue
-        q = f"In image 1, from the camera's viewpoint, where is {ctx.name(b)} (marked Y) relative to {ctx.name(a)} (marked X)?"
+        q = (f"In image 1, from the camera's viewpoint, where is {ctx.name(b)} (marked Y) relative to "
+             f"{ctx.name(a)} (marked X)?")
         return ctx.choice("direction", q, [f"{d} {ctx.name(a)}" for d in _DIRECTIONS], correct, (v,),
                           (ctx.marker(a, v, "X"), ctx.marker(b, v, "Y")))
     return None
