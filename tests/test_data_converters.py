@@ -57,6 +57,8 @@ def test_pi3_room_round_trip_is_exact_and_consistent(tmp_path):
     assert (scene.scene_id, scene.dataset, scene.normal_loss) == ("pi3_room", "pi3", True)
     for i in range(3):  # overlapping neighbours
         assert _reprojection_median(scene, i, i + 1) < 0.01
+    with pytest.raises(ValueError, match="convert-data"):
+        open_scenes("npz_scenes/not_converted", split="train", data_dir=tmp_path)
     with pytest.raises(FileExistsError, match="overwrite"):
         convert.convert_npz_scene(src, tmp_path, name="pi3_room")
     again = convert.convert_npz_scene(src, tmp_path, name="pi3_room", overwrite=True)

@@ -99,5 +99,10 @@ def open_scenes(name: str, *, split: str, data_dir: str | pathlib.Path, strict: 
                 builder_kwargs: dict | None = None) -> SceneSource:
     """Opens '<builder>/<config>' (ArrayRecord, no TensorFlow). Registered builders that can build
     offline (the synthetic ones) are built on first use; converted datasets must exist already."""
-    source = tfds.data_source(name, split=split, data_dir=str(data_dir), builder_kwargs=builder_kwargs)
+    try:
+        source = tfds.data_source(name, split=split, data_dir=str(data_dir), builder_kwargs=builder_kwargs)
+    except ValueError as e:
+        raise ValueError(f"cannot open {name!r} split {split!r} under {data_dir}: {e}\nConverted datasets "
+                         "(npz_scenes, scannet_scenes, spar_qa) must be written first with data_pipelines.convert "
+                         "(g2vlm convert-data).") from e
     return SceneSource(source, strict=strict)

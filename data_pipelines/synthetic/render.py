@@ -271,17 +271,23 @@ def _wave_noise(p: np.ndarray, tex: dict) -> np.ndarray:
 
 
 def _albedo(points, surface, layout: Layout) -> np.ndarray:
-    """Per-pixel base colour float[N, 3] from the surface id and the world hit point."""
+    """Per-pixel base colour float32[N, 3] from the surface id and the world hit point; each
+    texture is evaluated only on the pixels that show its surface."""
     tex = layout.texture
-    noise = _wave_noise(points, tex)[:, None]
-    checker = (np.floor(points[:, 0] / tex["tile"]) + np.floor(points[:, 1] / tex["tile"])) % 2
-    floor = tex["floor"][checker.astype(int)] * (1 + 0.15 * noise)
-    walls = tex["walls"][np.clip(surface - 2, 0, 3)] * (1 + 0.25 * np.sin(6 * points[:, 2:3] + 3 * noise))
-    ceiling = tex["ceiling"] * (1 + 0.05 * noise)
-    room = np.select([surface[:, None] == 0, surface[:, None] == 1], [floor, ceiling], walls)
-    colours = np.array([COLOURS[o.colour] for o in layout.objects] + [(0.0, 0.0, 0.0)])
-    obj = colours[np.clip(surface - NUM_ROOM_SURFACES, 0, len(layout.objects))] * (1 + 0.1 * noise)
-    return np.where(surface[:, None] >= NUM_ROOM_SURFACES, obj, room)
+    p = points.astype(np.float32)
+    noise = _wave_noise(p, tex)[:, None]
+    rgb = np.empty((len(p), 3), np.float32)
+    floor = surface == 0
+    checker = ((np.floor(p[floor, 0] / tex["tile"]) + np.floor(p[floor, 1] / tex["tile"])) % 2).astype(int)
+    rgb[floor] = tex["floor"][checker] * (1 + 0.15 * noise[floor])
+    ceiling = surface == 1
+    rgb[ceiling] = tex["ceiling"] * (1 + 0.05 * noise[ceiling])
+    walls = (surface >= 2) & (surface < NUM_ROOM_SURFACES)
+    rgb[walls] = tex["walls"][surface[walls] - 2] * (1 + 0.25 * np.sin(6 * p[walls, 2:3] + 3 * noise[walls]))
+    objects = surface >= NUM_ROOM_SURFACES
+    colours = np.array([COLOURS[o.colour] for o in layout.objects] + [(0.0, 0.0, 0.0)], np.float32)
+    rgb[objects] = colours[surface[objects] - NUM_ROOM_SURFACES] * (1 + 0.1 * noise[objects])
+    return rgb
 
 
 _ROOM_NORMALS = np.array([[0, 0, 1], [0, 0, -1], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0]], dtype=np.float64)
