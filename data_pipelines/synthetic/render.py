@@ -39,7 +39,7 @@ class RenderConfig:
     height: int = 224
     width: int = 224
     num_views: int = 8
-    min_objects: int = 3
+    min_objects: int = 3  # objects attempted per scene (fewer when placement finds no free spot)
     max_objects: int = 7
     seed: int = 0  # global seed; changes every scene of every split
 
