@@ -1,0 +1,108 @@
+"""What every scene builder shares: the record features, ArrayRecord output, order and split layout.
+
+Builders write ArrayRecord files (random access without TensorFlow) in generation order
+(`disable_shuffling`), so record i of a split is the i-th scene the builder yielded: scene index
+for synthetic data, sorted scene/row order for converted data. Read them back with
+`tfds.data_source("<builder>/<config>", split=..., data_dir=...)` and `records.record_to_scene`.
+"""
+from __future__ import annotations
+
+import inspect
+import pathlib
+from collections.abc import Callable
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from data_pipelines import records
+
+SPLITS = ("train", "validation", "test")
+
+
+class SceneRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A GeneratorBasedBuilder of `records.scene_features()` records written as ArrayRecord."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # tfds 4.9.10 resolves a packaged builder's source file through `importlib_resources`, which
+        # it does not declare as a dependency on Python >= 3.9; the plain file path is equivalent.
+        return epath.Path(inspect.getfile(cls))
+
+    def __init__(self, *, file_format: str = "array_record", **kwargs):
+        super().__init__(file_format=file_format, **kwargs)
+
+    CONFIG_CLASS: type = tfds.core.BuilderConfig  # the config type this builder reads its settings from
+
+    @property
+    def settings(self):
+        """The builder config, checked: manual-data builders have no predefined configs, so every
+        build names one (the converters in data_pipelines.convert do)."""
+        if not isinstance(self.builder_config, self.CONFIG_CLASS):
+            raise ValueError(f"{self.name} needs config={self.CONFIG_CLASS.__name__}(name=...), got "
+                             f"{self.builder_config!r}; data_pipelines.convert builds one for you")
+        return self.builder_config
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, description=(self.__doc__ or "").strip(),
+                                     features=records.scene_features(), disable_shuffling=True)
+
+
+def find_scene_dirs(root: pathlib.Path, is_scene: Callable[[pathlib.Path], bool], split: str,
+                    expected: str) -> dict[str, list[pathlib.Path]]:
+    """Scene folders under a source root, by split. Accepted layouts:
+        root is itself one scene                  -> {split: [root]}
+        root/{train,validation,test}/<scene>/     -> one list per split folder present
+        root/<scene>/                             -> {split: [...]}
+    `expected` describes a scene folder for the error message."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise ValueError(f"source directory {root} does not exist")
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} must be one of {SPLITS}")
+    if is_scene(root):
+        return {split: [root]}
+    layout = {s: root / s for s in SPLITS if (root / s).is_dir()} or {split: root}
+    found = {s: sorted(p for p in d.iterdir() if p.is_dir() and is_scene(p)) for s, d in layout.items()}
+    found = {s: scenes for s, scenes in found.items() if scenes}
+    if not found:
+        raise ValueError(f"no scene folders under {root}: expected {expected} in {root}, in {root}/<scene>/ "
+                         f"or in {root}/<split>/<scene>/ with split in {SPLITS}")
+    return found
+
+
+def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | pathlib.Path | None = None) -> dict[str, int]:
+    """Builds the dataset (offline) and returns {split: number of records}."""
+    config = tfds.download.DownloadConfig(manual_dir=str(manual_dir)) if manual_dir is not None else None
+    builder.download_and_prepare(download_config=config)
+    return {name: info.num_examples for name, info in builder.info.splits.items()}
+
+
+class SceneSource:
+    """Random-access decoded scenes of one split: `len(src)`, `src[i] -> Scene` (deterministic).
+    `src.records[i]` is the raw record, for callers that decode a view subset themselves."""
+
+    def __init__(self, records_source, strict: bool = True):
+        self.records, self.strict = records_source, strict
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        return records.record_to_scene(self.records[index], strict=self.strict)
+
+
+def open_scenes(name: str, *, split: str, data_dir: str | pathlib.Path, strict: bool = True,
+                builder_kwargs: dict | None = None) -> SceneSource:
+    """Opens '<builder>/<config>' (ArrayRecord, no TensorFlow). Registered builders that can build
+    offline (the synthetic ones) are built on first use; converted datasets must exist already."""
+    try:
+        source = tfds.data_source(name, split=split, data_dir=str(data_dir), builder_kwargs=builder_kwargs)
+    except ValueError as e:
+        raise ValueError(f"cannot open {name!r} split {split!r} under {data_dir}: {e}\nConverted datasets "
+                         "(npz_scenes, scannet_scenes, spar_qa) must be written first with data_pipelines.convert "
+                         "(g2vlm convert-data).") from e
+    return SceneSource(source, strict=strict)

@@ -1,0 +1,223 @@
+"""Spatial questions about synthetic scenes, with answers computed exactly from the scene layout.
+
+Task families (QAPair.task):
+  distance       numeric  distance (m) between the centres of two objects
+  depth          numeric  camera z (m) of an object's centre in one view
+  closer         choice   which of two objects has the smaller centre depth in one view
+  count          numeric  how many objects of a shape the room holds (asked only when every one of
+                          them is visible in some view, so the images determine the answer)
+  direction      choice   where object B is relative to object A from a view: left / right
+                          (camera x) or in front / behind (camera z), asked only when one axis dominates
+  camera_motion  choice   from image 1 to image 2: moved forward / backward / left / right (camera-1
+                          frame translation, one axis dominating) or turned left / right (yaw)
+
+Objects are named by colour and shape ("the red box"; each (colour, shape) is unique in a scene)
+and marked with a point (QAPair.markers: scene view, u, v, label 'X'/'Y', never an option letter) on a
+visible pixel.
+Question text refers to images by their 1-based position in QAPair.views, which a sampler puts
+first, in that order. Numeric answers are rounded to centimetres ("2.37"); choice answers are a
+letter. An object counts as visible in a view when it covers at least `min_pixels` pixels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+
+from data_pipelines.scene import QAPair, Scene
+from data_pipelines.synthetic.render import SHAPES, SPLIT_CODES, RenderConfig, RenderedScene, render_scene
+
+TASKS = ("distance", "depth", "closer", "count", "direction", "camera_motion")
+_LETTERS = "ABCDEF"
+_NUMERIC_SUFFIX = " Answer with a number in metres."
+
+
+@dataclasses.dataclass(frozen=True)
+class QAConfig:
+    """Which questions to ask about each synthetic scene."""
+
+    tasks: tuple[str, ...] = TASKS
+    per_task: int = 1  # questions per task family and scene (fewer when a scene cannot support them)
+    min_pixels: int = 12  # an object is visible in a view when it covers at least this many pixels
+    min_gap: float = 0.3  # metres: the smallest depth/offset difference a choice question relies on
+
+    def __post_init__(self):
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"QAConfig.tasks: unknown tasks {unknown}; known tasks are {list(TASKS)}")
+
+
+def camera_coords(c2w: np.ndarray, point) -> np.ndarray:
+    """World point float[3] -> float64[3] in the camera frame of c2w float[4, 4] (OpenCV axes)."""
+    c2w = np.asarray(c2w, dtype=np.float64)
+    return c2w[:3, :3].T @ (np.asarray(point, dtype=np.float64) - c2w[:3, 3])
+
+
+class _Context:
+    """Per-scene facts shared by the task generators."""
+
+    def __init__(self, rendered: RenderedScene, cfg: QAConfig, rng: np.random.Generator):
+        self.scene, self.layout, self.cfg, self.rng = rendered.scene, rendered.layout, cfg, rng
+        self.ids = rendered.object_ids
+        n = len(self.layout.objects)
+        # pixels[v, k]: how many pixels of view v show object k
+        self.pixels = np.stack([np.bincount(ids.ravel() + 1, minlength=n + 1)[1:] for ids in self.ids])
+        self.visible = self.pixels >= cfg.min_pixels
+
+    def name(self, k: int) -> str:
+        return "the " + self.layout.objects[k].name
+
+    def depth_of(self, k: int, view: int) -> float:
+        return float(camera_coords(self.scene.c2w[view], self.layout.objects[k].center)[2])
+
+    def marker(self, k: int, view: int, label: str) -> tuple[int, float, float, str]:
+        """The pixel of object k in `view` nearest to its mask centroid, as (view, u, v, label)."""
+        rows, cols = np.nonzero(self.ids[view] == k)
+        nearest = np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2)
+        return (view, float(cols[nearest]), float(rows[nearest]), label)
+
+    def pairs_in_one_view(self):
+        """Shuffled (view, a, b) with both objects visible in the view."""
+        out = [(v, a, b) for v in range(len(self.ids))
+               for a, b in itertools.permutations(np.flatnonzero(self.visible[v]).tolist(), 2)]
+        return [out[i] for i in self.rng.permutation(len(out))]
+
+    def choice(self, task, question, options, correct, views, markers) -> QAPair:
+        order = self.rng.permutation(len(options))
+        choices = tuple(f"{_LETTERS[i]}. {options[j]}" for i, j in enumerate(order))
+        text = question + "\n" + "\n".join(choices) + "\nAnswer with the option's letter."
+        return QAPair(text, _LETTERS[int(np.flatnonzero(order == correct)[0])], "choice", task, choices,
+                      tuple(views), tuple(markers))
+
+
+def _distance(ctx: _Context) -> QAPair | None:
+    seen = np.flatnonzero(ctx.visible.any(axis=0))
+    if len(seen) < 2:
+        return None
+    a, b = ctx.rng.choice(seen, 2, replace=False).tolist()
+    va, vb = int(np.argmax(ctx.pixels[:, a])), int(np.argmax(ctx.pixels[:, b]))
+    both = np.flatnonzero(ctx.visible[:, a] & ctx.visible[:, b])
+    if both.size:  # one image shows both objects
+        va = vb = int(both[np.argmax(np.minimum(ctx.pixels[both, a], ctx.pixels[both, b]))])
+    views = (va,) if va == vb else (va, vb)
+    dist = np.linalg.norm(np.subtract(ctx.layout.objects[a].center, ctx.layout.objects[b].center))
+    q = (f"What is the distance between the centres of {ctx.name(a)} (marked X) and {ctx.name(b)} (marked Y)?"
+         + _NUMERIC_SUFFIX)
+    return QAPair(q, f"{dist:.2f}", "numeric", "distance", (), views,
+                  (ctx.marker(a, va, "X"), ctx.marker(b, vb, "Y")))
+
+
+def _depth(ctx: _Context) -> QAPair | None:
+    options = np.argwhere(ctx.visible)
+    if len(options) == 0:
+        return None
+    v, k = options[ctx.rng.integers(len(options))].tolist()
+    q = (f"In image 1, how far is the centre of {ctx.name(k)} (marked X) from the camera, measured along the "
+         "viewing direction?" + _NUMERIC_SUFFIX)
+    return QAPair(q, f"{ctx.depth_of(k, v):.2f}", "numeric", "depth", (), (v,), (ctx.marker(k, v, "X"),))
+
+
+def _closer(ctx: _Context) -> QAPair | None:
+    for v, a, b in ctx.pairs_in_one_view():
+        da, db = ctx.depth_of(a, v), ctx.depth_of(b, v)
+        if abs(da - db) >= ctx.cfg.min_gap:
+            q = (f"In image 1, which object is closer to the camera: {ctx.name(a)} (marked X) or "
+                 f"{ctx.name(b)} (marked Y)?")
+            return ctx.choice("closer", q, [ctx.name(a), ctx.name(b)], 0 if da < db else 1, (v,),
+                              (ctx.marker(a, v, "X"), ctx.marker(b, v, "Y")))
+    return None
+
+
+def _count(ctx: _Context) -> QAPair | None:
+    seen = ctx.visible.any(axis=0)
+    shapes = [s for s in SHAPES
+              if any(o.shape == s for o in ctx.layout.objects)
+              and all(seen[k] for k, o in enumerate(ctx.layout.objects) if o.shape == s)]
+    if not shapes:
+        return None
+    shape = shapes[ctx.rng.integers(len(shapes))]
+    count = sum(o.shape == shape for o in ctx.layout.objects)
+    plural = {"box": "boxes", "sphere": "spheres", "cylinder": "cylinders"}[shape]
+    q = f"How many {plural} are there in the room shown in these images? Answer with a number."
+    return QAPair(q, str(count), "numeric", "count", (), tuple(range(ctx.scene.num_views)), ())
+
+
+_DIRECTIONS = ("to the left of", "to the right of", "in front of (closer to the camera than)",
+               "behind (farther from the camera than)")
+
+
+def _direction(ctx: _Context) -> QAPair | None:
+    for v, a, b in ctx.pairs_in_one_view():
+        pa = camera_coords(ctx.scene.c2w[v], ctx.layout.objects[a].center)
+        pb = camera_coords(ctx.scene.c2w[v], ctx.layout.objects[b].center)
+        dx, dz = pb[0] - pa[0], pb[2] - pa[2]
+        if abs(dx) >= max(2 * abs(dz), ctx.cfg.min_gap):
+            correct = 0 if dx < 0 else 1
+        elif abs(dz) >= max(2 * abs(dx), ctx.cfg.min_gap):
+            correct = 2 if dz < 0 else 3
+        else:
+            continue
+        q = (f"In image 1, from the camera's viewpoint, where is {ctx.name(b)} (marked Y) relative to "
+             f"{ctx.name(a)} (marked X)?")
+        return ctx.choice("direction", q, [f"{d} {ctx.name(a)}" for d in _DIRECTIONS], correct, (v,),
+                          (ctx.marker(a, v, "X"), ctx.marker(b, v, "Y")))
+    return None
+
+
+def relative_motion(c2w_i: np.ndarray, c2w_j: np.ndarray) -> tuple[np.ndarray, float]:
+    """(translation float64[3] of camera j's centre in camera i's frame, yaw in radians of j's viewing
+    direction relative to i's about i's vertical axis; positive = turned right)."""
+    c2w_i, c2w_j = np.asarray(c2w_i, np.float64), np.asarray(c2w_j, np.float64)
+    move = c2w_i[:3, :3].T @ (c2w_j[:3, 3] - c2w_i[:3, 3])
+    forward = c2w_i[:3, :3].T @ c2w_j[:3, 2]
+    return move, float(np.arctan2(forward[0], forward[2]))
+
+
+def _camera_motion(ctx: _Context) -> QAPair | None:
+    n = ctx.scene.num_views
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    for idx in ctx.rng.permutation(len(pairs)):
+        i, j = pairs[idx]
+        move, yaw = relative_motion(ctx.scene.c2w[i], ctx.scene.c2w[j])
+        dx, dz = move[0], move[2]
+        candidates = []
+        if abs(dz) >= max(2 * abs(dx), ctx.cfg.min_gap):
+            candidates.append((["moved forward", "moved backward", "moved left", "moved right"], 0 if dz > 0 else 1))
+        if abs(dx) >= max(2 * abs(dz), ctx.cfg.min_gap):
+            candidates.append((["moved forward", "moved backward", "moved left", "moved right"], 2 if dx < 0 else 3))
+        if abs(yaw) >= np.radians(15):
+            candidates.append((["turned left", "turned right"], 1 if yaw > 0 else 0))
+        if candidates:
+            options, correct = candidates[ctx.rng.integers(len(candidates))]
+            kind = "move" if len(options) == 4 else "turn"
+            q = f"How did the camera {kind} from image 1 to image 2 (relative to where it faced in image 1)?"
+            return ctx.choice("camera_motion", q, options, correct, (i, j), ())
+    return None
+
+
+_GENERATORS = {"distance": _distance, "depth": _depth, "closer": _closer, "count": _count,
+               "direction": _direction, "camera_motion": _camera_motion}
+
+
+def make_spatial_qa(rendered: RenderedScene, cfg: QAConfig, rng: np.random.Generator) -> tuple[QAPair, ...]:
+    """Up to cfg.per_task questions per task family (duplicates removed) about a rendered scene."""
+    ctx = _Context(rendered, cfg, rng)
+    out: list[QAPair] = []
+    for task in cfg.tasks:
+        for _ in range(cfg.per_task):
+            qa = _GENERATORS[task](ctx)
+            if qa is not None and qa not in out:
+                out.append(qa)
+    return tuple(out)
+
+
+def synthetic_qa_scene(split: str, index: int, render_cfg: RenderConfig = RenderConfig(),
+                       qa_cfg: QAConfig = QAConfig()) -> RenderedScene:
+    """Scene (split, index) of `render_scene` with its spatial QA attached (dataset 'synthetic_qa').
+    The questions draw from their own random stream, so the pixels equal `render_scene`'s."""
+    rendered = render_scene(split, index, render_cfg)
+    rng = np.random.default_rng([render_cfg.seed, SPLIT_CODES[split], index, 1])
+    qa = make_spatial_qa(rendered, qa_cfg, rng)
+    scene: Scene = dataclasses.replace(rendered.scene, dataset="synthetic_qa", qa=qa)
+    return dataclasses.replace(rendered, scene=scene)
