@@ -25,7 +25,7 @@ Parameter mapping (ours -> official `dino_model.*`; kernels are `w.reshape(out, 
                                                         embeddings.patch_embeddings.projection.weight [C, 3, 14, 14]
     encoder.layer[i].norm1 / norm2 .{scale,bias}        encoder.layer.i.norm1 / norm2 .{weight,bias}
     encoder.layer[i].attention.attention.{query,key,value}.{kernel,bias}
-                                                        encoder.layer.i.attention.attention.{query,key,value}.{weight,bias}
+                                            encoder.layer.i.attention.attention.{query,key,value}.{weight,bias}
     encoder.layer[i].attention.output.dense             encoder.layer.i.attention.output.dense
     encoder.layer[i].layer_scale{1,2}.lambda1 [C]       encoder.layer.i.layer_scale{1,2}.lambda1
     encoder.layer[i].mlp.fc1 / mlp.fc2                  encoder.layer.i.mlp.fc1 / mlp.fc2

@@ -32,7 +32,8 @@ from flax import nnx
 INIT_STD = 0.02
 
 
-def dense(din: int, dout: int, names: tuple, *, rngs: nnx.Rngs, dtype, param_dtype, use_bias: bool = True) -> nnx.Linear:
+def dense(din: int, dout: int, names: tuple, *, rngs: nnx.Rngs, dtype, param_dtype,
+          use_bias: bool = True) -> nnx.Linear:
     """A Linear whose kernel [din, dout] carries `names` and whose bias carries `(names[1],)`."""
     return nnx.Linear(
         din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -40,7 +41,8 @@ def dense(din: int, dout: int, names: tuple, *, rngs: nnx.Rngs, dtype, param_dty
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)))
 
 
-def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype, param_dtype, name: str | None = "enc_embed") -> nnx.LayerNorm:
+def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype, param_dtype,
+               name: str | None = "enc_embed") -> nnx.LayerNorm:
     """LayerNorm (statistics in fp32) with scale 1 and bias 0."""
     return nnx.LayerNorm(
         dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -121,7 +123,8 @@ def load_official(module: nnx.Module, state_dict: Mapping[str, np.ndarray], pref
     Every parameter of `module` must be present with the right shape; official keys under one of
     the module's top-level names that nothing consumes are an error too (unless listed in `ignore`,
     names relative to `prefix`), so a renamed or missing layer cannot pass silently.
-    Returns the consumed keys.
+    `module` may be abstract (built under `nnx.eval_shape`): a converter then never pays for a
+    random initialisation. Returns the consumed keys.
     """
     mapping = official_param_map(module, prefix)
     for key, (path, var) in mapping.items():

@@ -171,7 +171,7 @@ class ContextTransformerDecoder(nnx.Module):
 class LinearPts3d(nnx.Module):
     """Linear in_dim -> C*p*p per token, then pixel shuffle to a dense [H, W, C] map (fp32)."""
 
-    def __init__(self, in_dim: int, channels: int, patch: int, *, rngs: nnx.Rngs, param_dtype):
+    def __init__(self, in_dim: int, channels: int, patch: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         self.channels = channels
         self.patch = patch
         self.proj = el.dense(in_dim, channels * patch * patch, (None, None), rngs=rngs, dtype=jnp.float32,
@@ -183,7 +183,10 @@ class LinearPts3d(nnx.Module):
 
 
 def pixel_shuffle(feat: jax.Array, h: int, w: int, channels: int, patch: int) -> jax.Array:
-    """float[F, h*w, C*p*p] -> float[F, h*p, w*p, C]; channel c*p*p + dy*p + dx of token (y, x) -> pixel (y*p+dy, x*p+dx)."""
+    """float[F, h*w, C*p*p] -> float[F, h*p, w*p, C].
+
+    Channel c*p*p + dy*p + dx of token (y, x) goes to pixel (y*p + dy, x*p + dx), channel c.
+    """
     f = feat.shape[0]
     x = feat.reshape(f, h, w, channels, patch, patch)  # f, y, x, c, dy, dx
     return x.transpose(0, 1, 4, 2, 5, 3).reshape(f, h * patch, w * patch, channels)
@@ -192,7 +195,7 @@ def pixel_shuffle(feat: jax.Array, h: int, w: int, channels: int, patch: int) ->
 class ResConvBlock(nnx.Module):
     """x + relu(L3 relu(L2 relu(L1 x))) (official 1x1 convs turned into Linears)."""
 
-    def __init__(self, dim: int, *, rngs: nnx.Rngs, param_dtype):
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=jnp.float32, param_dtype=param_dtype)
         self.res_conv1 = el.dense(dim, dim, (None, None), **kw)
         self.res_conv2 = el.dense(dim, dim, (None, None), **kw)
@@ -221,7 +224,7 @@ def _rotation_from_9d(m9: jax.Array) -> jax.Array:
 class CameraHead(nnx.Module):
     """Residual MLP blocks -> mean over the frame's tokens -> MLP -> fc_t (3), fc_rot (9) -> c2w (fp32)."""
 
-    def __init__(self, dim: int, *, rngs: nnx.Rngs, param_dtype):
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=jnp.float32, param_dtype=param_dtype)
         self.res_conv = nnx.List([ResConvBlock(dim, rngs=rngs, param_dtype=param_dtype) for _ in range(2)])
         self.more_mlps_0 = el.dense(dim, dim, (None, None), **kw)
