@@ -16,7 +16,8 @@ def get_config(arg: str = "") -> c.ExperimentConfig:
         raise c.ConfigError(f"tiny_synthetic: unknown arg {arg!r}; allowed values are ['', 'qa']")
     qa = arg == "qa"
     model = c.tiny_model(freeze_und=not qa, freeze_recon=qa, use_vit=qa)
-    source = c.DataSource(name="synthetic_qa" if qa else "synthetic", kind="recon_qa" if qa else "recon")
+    source = c.DataSource(name="synthetic_qa" if qa else "synthetic", kind="recon_qa" if qa else "recon",
+                          synthetic_scenes=(192, 16, 16))
     data = c.DataConfig(
         sources=(source,),
         eval_sources=(source,),

@@ -203,6 +203,7 @@ class DataSource:
     kind: Literal["recon", "recon_qa", "vqa"] = "recon"  # sample layout (SPEC 1.4)
     weight: float = 1.0  # mixture weight (normalised over sources)
     data_dir: str = ""  # where the ArrayRecord/tfds files live ('' = <workdir>/data, built on demand)
+    synthetic_scenes: tuple[int, int, int] = (512, 32, 32)  # train/validation/test scenes of synthetic sources
 
     def validate(self, prefix: str) -> None:
         _check_literal(self, prefix)
@@ -222,7 +223,8 @@ class DataConfig:
     view_buckets: tuple[int, ...] = (2, 4, 8, 16, 24)  # allowed frame counts V (static shapes)
     min_views: int = 2  # smallest V drawn per pack
     max_views: int = 24  # largest V drawn per pack
-    aspect_range: tuple[float, float] = (1.0, 1.0)  # H/W drawn per pack (stage 1b: 0.5..1.0)
+    aspect_range: tuple[float, float] = (1.0, 1.0)  # H/W drawn per step (stage 1b: 0.5..1.0)
+    aspect_buckets: int = 4  # evenly spaced aspect levels in aspect_range (one compiled program each)
     tokens_per_pack: int = 25600  # token budget of one packed row
     packs_per_step: int = 8  # global batch size in packs (divisible by the data-parallel size)
     max_text_tokens: int = 512  # longer text items are skipped (counted) or rejected (strict)
@@ -242,6 +244,7 @@ class DataConfig:
         _require(tuple(sorted(self.view_buckets)) == tuple(self.view_buckets) and self.view_buckets[-1] >= self.max_views,
                  prefix + "view_buckets", f"must be increasing and reach max_views={self.max_views}")
         _require(0 < self.aspect_range[0] <= self.aspect_range[1], prefix + "aspect_range", "need 0 < lo <= hi")
+        _require(self.aspect_buckets >= 1, prefix + "aspect_buckets", "must be >= 1")
         _require(self.tokens_per_pack > 0 and self.packs_per_step > 0, prefix + "tokens_per_pack", "must be positive")
         _require(self.num_workers >= 0, prefix + "num_workers", "must be >= 0")
 

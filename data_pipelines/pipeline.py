@@ -1,0 +1,298 @@
+"""Grain pipeline: step-indexed, per-process packed batches from a mixture of scene sources.
+
+Determinism is by construction: the batch of global step t on JAX process p is a pure function of
+(seed, t, p) — `BatchMaker(t)`. The iterator state is just the next step (plus skip counters), so a
+resume yields exactly the batches an uninterrupted run yields, with any number of workers.
+
+Per step:
+  1. draw V (rounded up to a view bucket) and the aspect bucket once: every pack of the global
+     batch shares them, so a step has one static shape and a run compiles one program per bucket;
+  2. for each of this process's packs j (global pack ids p*B_local .. (p+1)*B_local-1, disjoint
+     across processes) and each sample slot s: choose a source by mixture weight, take the next
+     index of that source's per-epoch permutation (slot counter (t * P + j) * S_max + s), decode the
+     record, sample views (augmented for training), build the token sequence;
+  3. pack the samples into the row (`sequence.pack_row`) and stack rows into numpy batch fields.
+
+Bad records (corrupt images, NaN/empty depth, singular poses, mismatched view sizes) and
+over-long text leave their slot empty and are counted per reason; with `DataConfig.strict` they
+raise, naming the record.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import pathlib
+
+import grain
+import numpy as np
+from absl import logging
+from PIL import Image, ImageDraw
+
+from data_pipelines import sampling, sequence
+from data_pipelines.records import BadRecordError
+from g2vlm_jax.batch import GEO_PATCH, PackedBatch
+from g2vlm_jax.config import DataConfig, DataSource
+from g2vlm_jax.tokenizer import load_tokenizer
+
+SYNTHETIC_BUILDERS = {"synthetic": "synthetic_scenes", "synthetic_qa": "synthetic_spatial_qa"}
+CHAT_OVERHEAD_TOKENS = 48  # chat-template text around a QA sample (system prefix, assistant turn, ...)
+
+
+def builder_name(source: DataSource, data: DataConfig) -> tuple[str, dict]:
+    """Maps a DataSource to ('<tfds builder>/<config>', builder kwargs).
+
+    The synthetic sources get a custom config sized for the experiment (enough views for
+    `max_views`, frames a little larger than `image_size` so crops and jitter have room).
+    """
+    if source.name in SYNTHETIC_BUILDERS:
+        from data_pipelines.builders.synthetic import SyntheticConfig
+
+        h, w = data.image_size
+        scale = 1.25
+        n = source.synthetic_scenes
+        cfg = SyntheticConfig(name=f"h{int(h * scale)}w{int(w * scale)}v{max(data.max_views, 6)}n{n[0]}-{n[1]}-{n[2]}",
+                              height=int(h * scale), width=int(w * scale), num_views=max(data.max_views, 6),
+                              num_scenes=n)
+        return SYNTHETIC_BUILDERS[source.name], {"config": cfg}
+    return source.name, {}
+
+
+def open_source(source: DataSource, data: DataConfig, split: str, workdir: pathlib.Path):
+    """A random-access SceneSource for one mixture entry (built on first use for synthetic data)."""
+    from data_pipelines.builders.base import open_scenes
+
+    name, kwargs = builder_name(source, data)
+    data_dir = source.data_dir or str(workdir / "data")
+    # Lenient decoding repairs NaN/negative depth pixels (set to "no value"); strict raises instead.
+    return open_scenes(name, split=split, data_dir=data_dir, strict=data.strict, builder_kwargs=kwargs or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    views: int
+    height: int
+    width: int
+
+
+def draw_bucket(data: DataConfig, rng: np.random.Generator) -> Bucket:
+    """V uniform in [min_views, max_views] rounded up to a view bucket; aspect H/W from a few levels."""
+    v = int(rng.integers(data.min_views, data.max_views + 1))
+    views = next(b for b in data.view_buckets if b >= v)
+    lo, hi = data.aspect_range
+    levels = np.linspace(lo, hi, data.aspect_buckets) if hi > lo else np.array([lo])
+    aspect = float(levels[rng.integers(len(levels))])
+    width = data.image_size[1]
+    height = int(round(width * aspect / GEO_PATCH)) * GEO_PATCH if hi > lo else data.image_size[0]
+    return Bucket(views, max(height, GEO_PATCH), width)
+
+
+def _draw_markers(image: np.ndarray, markers, view: int, scale: tuple[float, float]) -> np.ndarray:
+    """Draws the question's point markers (a ring + label) on a semantic image [H,W,3] uint8."""
+    pil = Image.fromarray(image)
+    draw = ImageDraw.Draw(pil)
+    r = max(2, image.shape[0] // 40)
+    for mv, u, v, label in markers:
+        if mv != view:
+            continue
+        x, y = u * scale[0], v * scale[1]
+        draw.ellipse([x - r, y - r, x + r, y + r], outline=(255, 0, 0), width=max(1, r // 2))
+        draw.text((x + r, y - 3 * r), str(label), fill=(255, 0, 0))
+    return np.asarray(pil)
+
+
+class BatchMaker:
+    """Builds the numpy batch of one global step for one process: `maker(step) -> (fields, skips)`."""
+
+    def __init__(self, data: DataConfig, sources: list[tuple[DataSource, object]], *, process_index: int,
+                 process_count: int, augment: bool, seed: int, fixed_views: int | None = None):
+        if data.packs_per_step % process_count:
+            raise ValueError(f"data.packs_per_step={data.packs_per_step} is not divisible by the {process_count} "
+                             "JAX processes; make it a multiple of the process count")
+        self.data, self.sources = data, sources
+        self.process_index, self.process_count = process_index, process_count
+        self.local_packs = data.packs_per_step // process_count
+        self.augment, self.seed, self.fixed_views = augment, seed, fixed_views
+        self.weights = np.array([s.weight for s, _ in sources], np.float64)
+        self.weights /= self.weights.sum()
+        self.sem_per_sample = 1 if any(s.kind != "recon" for s, _ in sources) else 0
+        self.max_slots = max(self.row_shape(Bucket(v, data.image_size[0], data.image_size[1])).sample_slots
+                             for v in data.view_buckets)
+        self._tokenizer = None
+        self._perm_cache: dict = {}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:  # loaded lazily: workers unpickle the maker without it
+            self._tokenizer = load_tokenizer(self.data.tokenizer)
+        return self._tokenizer
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_tokenizer"], state["_perm_cache"] = None, {}
+        return state
+
+    def row_shape(self, bucket: Bucket) -> sequence.RowShape:
+        d = self.data
+        reserve = 2 * bucket.views + 8
+        if self.sem_per_sample:
+            ts = (d.vit_image_size[0] // 28) * (d.vit_image_size[1] // 28)
+            reserve += d.max_text_tokens + CHAT_OVERHEAD_TOKENS + self.sem_per_sample * (ts + 2)
+        return sequence.row_shape_for(d.tokens_per_pack, bucket.views, bucket.height, bucket.width,
+                                      sem_per_sample=self.sem_per_sample, sem_height=d.vit_image_size[0],
+                                      sem_width=d.vit_image_size[1], reserve_per_sample=reserve)
+
+    def _index(self, source_i: int, counter: int) -> int:
+        """The `counter`-th element of the per-epoch permutation of source `source_i`."""
+        n = len(self.sources[source_i][1])
+        epoch, offset = divmod(counter, n)
+        key = (source_i, epoch)
+        if key not in self._perm_cache:
+            if len(self._perm_cache) > 8:
+                self._perm_cache.clear()
+            self._perm_cache[key] = np.random.default_rng([self.seed, source_i, epoch]).permutation(n)
+        return int(self._perm_cache[key][offset])
+
+    def _sample(self, source_i: int, index: int, bucket: Bucket, rng: np.random.Generator, skips: collections.Counter):
+        """(SampleTokens, ViewSample, sem image or None) of one record, or None when skipped."""
+        source, scenes = self.sources[source_i]
+        try:
+            scene = scenes[index]
+        except BadRecordError as e:
+            if self.data.strict:
+                raise BadRecordError(e.reason, f"{source.name}[{index}]") from e
+            skips[e.reason] += 1
+            return None
+        tok, d = self.tokenizer, self.data
+        if source.kind == "recon":
+            views = sampling.sample_views(scene, bucket.views, (bucket.height, bucket.width), rng, augment=self.augment)
+            return sequence.recon_sample(tok, bucket.views, bucket.height, bucket.width), views, None
+        if not scene.qa:
+            skips["no_qa"] += 1
+            return None
+        qa = scene.qa[int(rng.integers(len(scene.qa)))]
+        if len(tok.encode(qa.question)) + len(tok.encode(qa.answer)) > d.max_text_tokens:
+            if d.strict:
+                raise ValueError(f"{source.name}[{index}]: question+answer longer than data.max_text_tokens="
+                                 f"{d.max_text_tokens}")
+            skips["text_too_long"] += 1
+            return None
+        frames = list(qa.views[:bucket.views])
+        rest = [f for f in sampling.sample_frames(scene.num_views, bucket.views + len(frames), rng) if f not in frames]
+        frames = (frames + rest + frames * bucket.views)[:bucket.views]
+        views = sampling.sample_views(scene, bucket.views, (bucket.height, bucket.width), rng, augment=self.augment,
+                                      frames=frames)
+        src_view = qa.views[0] if qa.views else frames[0]
+        sh, sw = d.vit_image_size
+        img = np.asarray(Image.fromarray(scene.images[src_view]).resize((sw, sh), Image.BICUBIC))
+        img = _draw_markers(img, qa.markers, src_view, (sw / scene.images.shape[2], sh / scene.images.shape[1]))
+        make = sequence.recon_qa_sample if source.kind == "recon_qa" else None
+        if make is None:
+            tokens = sequence.vqa_sample(tok, 1, sh, sw, qa.question, qa.answer)
+        else:
+            tokens = make(tok, bucket.views, bucket.height, bucket.width, 1, sh, sw, qa.question, qa.answer)
+        return tokens, views, img.astype(np.float32) / 255.0
+
+    def __call__(self, step: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        d = self.data
+        step_rng = np.random.default_rng([self.seed, step])
+        bucket = draw_bucket(d, step_rng)
+        if self.fixed_views:
+            bucket = Bucket(self.fixed_views, d.image_size[0], d.image_size[1])
+        shape = self.row_shape(bucket)
+        skips: collections.Counter = collections.Counter()
+        rows = [self._pack(step, self.process_index * self.local_packs + r, bucket, shape, skips)
+                for r in range(self.local_packs)]
+        fields = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+        return fields, dict(skips)
+
+    def _pack(self, step: int, pack_id: int, bucket: Bucket, shape: sequence.RowShape, skips) -> dict:
+        s_slots, v, h, w = shape.sample_slots, bucket.views, bucket.height, bucket.width
+        out = {"geo_images": np.zeros((s_slots, v, h, w, 3), np.float32), "sample_valid": np.zeros(s_slots, bool),
+               "gt_world_points": np.zeros((s_slots, v, h, w, 3), np.float32),
+               "gt_valid": np.zeros((s_slots, v, h, w), bool), "gt_poses": np.tile(np.eye(4, dtype=np.float32), (s_slots, v, 1, 1)),
+               "gt_intrinsics": np.tile(np.eye(3, dtype=np.float32), (s_slots, v, 1, 1)),
+               "normal_loss_enabled": np.zeros(s_slots, bool),
+               "sem_images": np.zeros((shape.sem_slots,) + tuple(self.data.vit_image_size) + (3,), np.float32),
+               "sem_image_valid": np.zeros(shape.sem_slots, bool)}
+        samples = []
+        for s in range(s_slots):
+            rng = np.random.default_rng([self.seed, step, pack_id, s])
+            source_i = int(rng.choice(len(self.sources), p=self.weights))
+            index = self._index(source_i, (step * self.data.packs_per_step + pack_id) * self.max_slots + s)
+            got = self._sample(source_i, index, bucket, rng, skips)
+            if got is None:
+                continue
+            tokens, views, sem = got
+            if not sequence.fits(samples + [tokens], shape):
+                skips["pack_full"] += 1
+                continue
+            k = len(samples)
+            samples.append(tokens)
+            out["geo_images"][k], out["gt_world_points"][k], out["gt_valid"][k] = views.images, views.world_points, views.valid
+            out["gt_poses"][k], out["gt_intrinsics"][k] = views.c2w, views.intrinsics
+            out["sample_valid"][k], out["normal_loss_enabled"][k] = True, views.normal_loss
+            if sem is not None:
+                n = sum(t.num_sem_images for t in samples[:-1])
+                out["sem_images"][n], out["sem_image_valid"][n] = sem, True
+        out.update(sequence.pack_row(samples, shape))
+        return out
+
+
+def to_packed_batch(fields: dict[str, np.ndarray]) -> PackedBatch:
+    return PackedBatch(**fields)
+
+
+class BatchIterator:
+    """Iterates PackedBatches (numpy) of consecutive steps; state = next step + skip counters."""
+
+    def __init__(self, maker: BatchMaker, *, start_step: int = 0, num_workers: int = 0, log_every: int = 100):
+        self.maker, self.num_workers, self.log_every = maker, num_workers, log_every
+        self.skips: collections.Counter = collections.Counter()
+        self._start(start_step)
+
+    def _start(self, step: int) -> None:
+        self.step = step
+        ds = grain.MapDataset.range(step, 2**31 - 1).map(self.maker).to_iter_dataset()
+        if self.num_workers:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+        self._it = iter(ds)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> PackedBatch:
+        fields, skips = next(self._it)
+        self.skips.update(skips)
+        self.step += 1
+        if skips and self.step % self.log_every == 0:
+            logging.info("data: skipped records so far %s", dict(self.skips))
+        return to_packed_batch(fields)
+
+    def skip_counts(self) -> dict[str, int]:
+        return dict(self.skips)
+
+    def get_state(self) -> dict:
+        return {"step": self.step, "skips": dict(self.skips)}
+
+    def set_state(self, state: dict) -> None:
+        self.skips = collections.Counter(state.get("skips", {}))
+        self._start(int(state["step"]))
+
+
+def make_train_iterator(data: DataConfig, workdir: pathlib.Path, *, seed: int, process_index: int = 0,
+                        process_count: int = 1) -> BatchIterator:
+    """Training batches of this process for steps 0, 1, ... (augmented, mixture of `data.sources`)."""
+    sources = [(s, open_source(s, data, "train", workdir)) for s in data.sources]
+    maker = BatchMaker(data, sources, process_index=process_index, process_count=process_count,
+                       augment=data.augment, seed=seed)
+    return BatchIterator(maker, num_workers=data.num_workers)
+
+
+def make_eval_batches(data: DataConfig, workdir: pathlib.Path, num_batches: int, *, process_index: int = 0,
+                      process_count: int = 1) -> list[PackedBatch]:
+    """`num_batches` deterministic held-out batches (no augmentation, the largest view bucket)."""
+    sources = [(s, open_source(s, data, data.eval_split, workdir)) for s in data.eval_sources]
+    views = max(b for b in data.view_buckets if b <= data.max_views)
+    maker = BatchMaker(data, sources, process_index=process_index, process_count=process_count, augment=False,
+                       seed=10_000 + data.seed, fixed_views=views)
+    return [to_packed_batch(maker(step)[0]) for step in range(num_batches)]
