@@ -353,6 +353,11 @@ class ExperimentConfig:
         if not _DEFER_VALIDATION.get():
             self.validate()
 
+    @property
+    def run_dir(self) -> pathlib.Path:
+        """Absolute run directory: `workdir`, or ./runs/<name>."""
+        return pathlib.Path(self.workdir or f"runs/{self.name}").absolute()
+
     def validate(self) -> None:
         self.model.validate()
         self.data.validate()

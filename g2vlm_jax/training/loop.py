@@ -40,10 +40,6 @@ class TrainResult:
     preempted: bool
 
 
-def workdir_of(cfg: config_lib.ExperimentConfig) -> pathlib.Path:
-    return pathlib.Path(cfg.workdir or f"runs/{cfg.name}").absolute()
-
-
 class PreemptionWatcher:
     """Turns SIGTERM into a flag checked between steps (a save, then a clean exit)."""
 
@@ -74,7 +70,7 @@ class PreemptionWatcher:
 def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = None,
           run_final_eval: bool = True) -> TrainResult:
     """Trains `cfg` until `optim.total_steps` (or `stop_after_steps` more steps), resuming if possible."""
-    workdir = workdir_of(cfg)
+    workdir = cfg.run_dir
     workdir.mkdir(parents=True, exist_ok=True)
 
     # ---- Mesh and sharded state -------------------------------------------------------------
@@ -84,7 +80,7 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
     batch_sharding = sharding_lib.batch_sharding(mesh)
 
     # ---- Data ----------------------------------------------------------------------------------
-    train_iter = data_lib.make_train_iterator(cfg, workdir)
+    train_iter = data_lib.make_train_iterator(cfg)
 
     # ---- Resume, or initialise from an earlier stage -----------------------------------------
     manager = ckpt_lib.make_manager(workdir / "checkpoints", cfg.checkpoint)
