@@ -1,0 +1,237 @@
+"""Losses: the Pi3 / MoGe visual-geometry loss (SPEC 2.1) and the token-mean cross entropy (SPEC 2.2).
+
+The geometry loss is written for ONE sample (views of one scene) and vmapped over the batch, in
+fp32 with static shapes (the 4096-point resampling uses a cumulative-count search, not boolean
+indexing). Per sample, in order:
+
+ 1. GT into frame 0 and scaled by the mean distance of its valid points (`_normalise_gt`);
+ 2. predictions divided by the mean norm of their local points over GT-valid pixels;
+ 3. depth weights w = 1 / (max(z, 0.1 * mean z of the view) + 1e-6);
+ 4. s* = exact weighted median of x / x̂ with weights w |x̂| over 4096 resampled pixels (no grad);
+ 5. local L1 loss, 6. gated normal loss, 7. global L1 loss, 8. pairwise relative-pose loss.
+
+Floors: the official clamps (normal angles to at least 1°, arccos arguments to 1 − 1e-6) give a
+perfect prediction a small constant loss. We subtract those constants, so a perfect prediction
+scores exactly 0; gradients are identical to the official loss (a constant has none).
+
+Neutral values: a sample without valid pixels, or with `sample_valid = False`, contributes nothing;
+a batch without any valid sample has loss 0. Non-finite GT points are invalid pixels. Nothing here
+produces NaN, including its gradient (every sqrt/arccos/division is guarded).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from g2vlm_jax import geometry
+from g2vlm_jax.config import LossConfig
+
+RESAMPLE_POINTS = 4096
+_MIN_ANGLE, _MAX_ANGLE, _BETA = math.radians(1.0), math.radians(90.0), math.radians(3.0)
+_NORMAL_FLOOR = 0.5 * _MIN_ANGLE**2 / _BETA  # smoothed loss of a clamped 1° error
+_COS_CLAMP = 1e-6
+_ROTATION_FLOOR = math.acos(1 - _COS_CLAMP)  # arccos of the clamped identity
+
+
+# --------------------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------------------
+def cross_entropy_sums(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sum of per-token CE over loss positions and their count. logits [..., V], labels/mask [...]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    mask = loss_mask.astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def token_mean_cross_entropy(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    total, count = cross_entropy_sums(logits, labels, loss_mask)
+    return total / jnp.maximum(count, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimal scale
+# --------------------------------------------------------------------------------------------------
+def optimal_scale(pred_points: jax.Array, gt_points: jax.Array, weights: jax.Array, valid: jax.Array | None = None):
+    """argmin_s Σ w_k |s x̂_k − x_k| over the 3N coordinates: the weighted median of x/x̂ with weights w|x̂|.
+
+    pred_points, gt_points: [N, 3]; weights: [N]; valid: bool [N] or None. Returns a scalar, no
+    gradient, made positive (|s|) when the median is <= 0, and 1 when nothing is valid.
+    """
+    pred = pred_points.reshape(-1).astype(jnp.float32)
+    gt = gt_points.reshape(-1).astype(jnp.float32)
+    w = jnp.repeat(weights.astype(jnp.float32), 3)
+    ok = jnp.abs(pred) > 0
+    if valid is not None:
+        ok = ok & jnp.repeat(valid, 3)
+    ratio = jnp.where(ok, gt / jnp.where(ok, pred, 1.0), jnp.inf)  # invalid ratios sort last, weight 0
+    cw = jnp.where(ok, w * jnp.abs(pred), 0.0)
+    order = jnp.argsort(ratio)
+    r_sorted, w_sorted = ratio[order], cw[order]
+    cum = jnp.cumsum(w_sorted)
+    total = cum[-1]
+    idx = jnp.clip(jnp.searchsorted(cum, 0.5 * total, side="left"), 0, r_sorted.shape[0] - 1)
+    s = jnp.where(total > 0, r_sorted[idx], 1.0)
+    s = jnp.where(jnp.isfinite(s), s, 1.0)
+    s = jnp.where(s <= 0, jnp.abs(s), s)
+    return jax.lax.stop_gradient(s)
+
+
+def resample_valid(values: jax.Array, valid: jax.Array, size: int = RESAMPLE_POINTS) -> jax.Array:
+    """Nearest-neighbour resampling of the valid entries of `values` [N, C] to exactly `size` rows.
+
+    Row k is the floor(k * n / size)-th valid entry (n = number of valid entries), as 1-D nearest
+    interpolation of the valid list does; static shapes via a cumulative count.
+    """
+    counts = jnp.cumsum(valid.astype(jnp.int32))
+    n = counts[-1]
+    rank = (jnp.arange(size) * n) // size  # 0-based rank among the valid entries
+    pos = jnp.clip(jnp.searchsorted(counts, rank + 1, side="left"), 0, values.shape[0] - 1)
+    return values[pos]
+
+
+# --------------------------------------------------------------------------------------------------
+# Geometry loss of one sample
+# --------------------------------------------------------------------------------------------------
+def _normalise_gt(world, valid, poses):
+    """GT of one sample into frame 0, scaled by the mean distance of valid points.
+
+    world [V,H,W,3], valid [V,H,W], poses [V,4,4] -> (world, local, poses) all normalised.
+    """
+    w2c0 = geometry.se3_inverse(poses[0])
+    world = geometry.transform_points(w2c0, world)
+    poses = w2c0 @ poses
+    dist = jnp.where(valid, jnp.linalg.norm(jnp.where(valid[..., None], world, 0.0), axis=-1), 0.0)
+    scale = jnp.maximum(jnp.sum(dist) / jnp.maximum(jnp.sum(valid), 1), 1e-8)
+    world = world / scale
+    poses = poses.at[:, :3, 3].divide(scale)
+    local = geometry.transform_points(geometry.se3_inverse(poses)[:, None, None], world)
+    return world, local, poses
+
+
+def _safe_norm(x, axis=-1):
+    sq = jnp.sum(x * x, axis=axis)
+    return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+
+
+def _angle_between(a, b):
+    """atan2(|a x b|, a·b), the official angle_diff_vec3 (eps inside keeps it finite)."""
+    return jnp.arctan2(_safe_norm(jnp.cross(a, b)) + 1e-12, jnp.sum(a * b, axis=-1))
+
+
+def _depth_edge(z, rtol: float = 0.03):
+    """(3x3 max − 3x3 min) / z > rtol on [V,H,W] depth (windows clipped at the border)."""
+    pad = jnp.pad(z, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    h, w = z.shape[1:]
+    windows = jnp.stack([pad[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)])
+    diff = windows.max(0) - windows.min(0)
+    return diff > rtol * jnp.maximum(z, 1e-12)
+
+
+def _triangle_normals(p):
+    """The four triangle normals of every 2x2 quad of points [V,H,W,3] (official layout)."""
+    lu, ru, ld, rd = p[:, :-1, :-1], p[:, :-1, 1:], p[:, 1:, :-1], p[:, 1:, 1:]
+    return (jnp.cross(ru - rd, ld - rd), jnp.cross(lu - ru, rd - ru), jnp.cross(ld - lu, ru - lu),
+            jnp.cross(rd - ld, lu - ld))
+
+
+def _triangle_masks(m):
+    lu, ru, ld, rd = m[:, :-1, :-1], m[:, :-1, 1:], m[:, 1:, :-1], m[:, 1:, 1:]
+    return ru & ld & rd, lu & rd & ru, ld & ru & lu, rd & lu & ld
+
+
+def normal_loss(pred_local, gt_local, valid):
+    """Angle between predicted and GT triangle normals (SPEC 2.1 step 6) of one sample [V,H,W,3]."""
+    mask = valid & ~_depth_edge(jnp.where(valid, gt_local[..., 2], 0.0))
+    total = 0.0
+    for n_pred, n_gt, m in zip(_triangle_normals(pred_local), _triangle_normals(gt_local), _triangle_masks(mask)):
+        err = jnp.clip(_angle_between(n_pred, n_gt), _MIN_ANGLE, _MAX_ANGLE)
+        smooth = jnp.where(err < _BETA, 0.5 * err * err / _BETA, err - 0.5 * _BETA)
+        total = total + jnp.where(m, smooth - _NORMAL_FLOOR, 0.0)
+    return jnp.mean(total) / (4 * max(pred_local.shape[1:3]))
+
+
+def _huber(x, delta: float):
+    ax = jnp.abs(x)
+    return jnp.where(ax < delta, 0.5 * x * x, delta * (ax - 0.5 * delta))
+
+
+def camera_loss(pred_poses, gt_poses, scale, translation_weight: float):
+    """Relative-pose loss over ordered pairs i != j of one sample. Returns (trans, rot, total)."""
+    v = pred_poses.shape[0]
+    pred = pred_poses.at[:, :3, 3].multiply(scale)
+    rel_pred = geometry.se3_inverse(pred)[:, None] @ pred[None, :]  # [i, j] = P_i^-1 P_j
+    rel_gt = geometry.se3_inverse(gt_poses)[:, None] @ gt_poses[None, :]
+    off = ~jnp.eye(v, dtype=bool)
+    pairs = jnp.maximum(v * (v - 1), 1)
+    trans = jnp.sum(jnp.where(off[..., None], _huber(rel_pred[..., :3, 3] - rel_gt[..., :3, 3], 0.1), 0.0)) / (3 * pairs)
+    trace = jnp.sum(rel_pred[..., :3, :3] * rel_gt[..., :3, :3], axis=(-1, -2))  # tr(R̂ᵀ R)
+    cos = jnp.clip((trace - 1) / 2, -1 + _COS_CLAMP, 1 - _COS_CLAMP)
+    rot = jnp.sum(jnp.where(off, jnp.arccos(cos) - _ROTATION_FLOOR, 0.0)) / pairs
+    return trans, rot, translation_weight * trans + rot
+
+
+def sample_loss(pred: dict, world, valid, gt_poses, normal_enabled, cfg: LossConfig):
+    """Visual-geometry loss of one sample; returns (loss, details). Shapes without the batch axis."""
+    world = world.astype(jnp.float32)
+    valid = valid & jnp.all(jnp.isfinite(world), axis=-1)
+    world = jnp.where(valid[..., None], world, 0.0)
+    gt_world, gt_local, gt_poses = _normalise_gt(world, valid, gt_poses.astype(jnp.float32))
+    count = jnp.maximum(jnp.sum(valid), 1)
+
+    local = pred["local_points"].astype(jnp.float32)
+    n = jnp.sum(jnp.where(valid, _safe_norm(local), 0.0)) / count
+    n = jnp.maximum(n, 1e-8)
+    local = local / n
+    pred_poses = pred["camera_poses"].astype(jnp.float32).at[:, :3, 3].divide(n)
+
+    z = gt_local[..., 2]
+    view_mean = jnp.sum(jnp.where(valid, z, 0.0), axis=(1, 2)) / jnp.maximum(jnp.sum(valid, axis=(1, 2)), 1)
+    weights = 1.0 / (jnp.maximum(z, 0.1 * view_mean[:, None, None]) + 1e-6)
+    weights = jnp.where(valid, weights, 0.0)
+
+    flat_valid = valid.reshape(-1)
+    picked = resample_valid(jnp.concatenate([local.reshape(-1, 3), gt_local.reshape(-1, 3), weights.reshape(-1, 1)], -1),
+                            flat_valid)
+    scale = optimal_scale(picked[:, :3], picked[:, 3:6], picked[:, 6])
+
+    def l1(points, target):
+        per = jnp.sum(jnp.abs(scale * points - target), axis=-1) * weights
+        return jnp.sum(jnp.where(valid, per, 0.0)) / (3 * count)
+
+    details = {"local": l1(local, gt_local), "scale": scale}
+    details["normal"] = jnp.where(normal_enabled, normal_loss(scale * local, gt_local, valid), 0.0)
+    details["global"] = l1(pred["global_points"].astype(jnp.float32) / n, gt_world) if "global_points" in pred else 0.0
+    details["cam_trans"], details["cam_rot"], cam = camera_loss(pred_poses, gt_poses, scale, cfg.translation_weight)
+    loss = (details["local"] + cfg.normal_weight * details["normal"] + cfg.global_points_weight * details["global"]
+            + cfg.camera_weight * cam)
+    if cfg.clip_above > 0:
+        loss = jnp.where(loss > cfg.clip_above, 0.0, loss)
+    return loss, details
+
+
+def visual_geometry_loss(pred: dict, gt: dict, cfg: LossConfig) -> tuple[jax.Array, dict]:
+    """Mean visual-geometry loss over the valid samples of a batch (SPEC 2.1).
+
+    pred: local_points [B,V,H,W,3], camera_poses [B,V,4,4] (c2w), optional global_points [B,V,H,W,3].
+    gt:   world_points [B,V,H,W,3], valid_mask [B,V,H,W], camera_poses [B,V,4,4] (c2w),
+          normal_loss_enabled [B], optional sample_valid [B].
+    Returns (loss, details) with per-term means over valid samples.
+    """
+    valid = gt["valid_mask"].astype(bool)
+    b = valid.shape[0]
+    sample_ok = jnp.any(valid & jnp.all(jnp.isfinite(gt["world_points"]), -1), axis=(1, 2, 3))
+    if "sample_valid" in gt:
+        sample_ok = sample_ok & gt["sample_valid"].astype(bool)
+    sample_ok = sample_ok & jnp.all(jnp.isfinite(gt["camera_poses"]), axis=(1, 2, 3))
+    poses = jnp.where(sample_ok[:, None, None, None], gt["camera_poses"], jnp.eye(4))
+    keys = [k for k in ("local_points", "camera_poses", "global_points") if k in pred]
+    fn = lambda p, w, m, c, e: sample_loss(dict(zip(keys, p)), w, m, c, e, cfg)
+    losses, details = jax.vmap(fn)(tuple(pred[k] for k in keys), gt["world_points"], valid, poses,
+                                   gt["normal_loss_enabled"].astype(bool).reshape(b))
+    weight = sample_ok.astype(jnp.float32)
+    denom = jnp.maximum(jnp.sum(weight), 1.0)
+    mean = lambda x: jnp.sum(jnp.where(sample_ok, x, 0.0)) / denom
+    return mean(losses), {k: mean(jnp.broadcast_to(v, (b,))) for k, v in details.items()}

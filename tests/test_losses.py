@@ -1,0 +1,155 @@
+"""Visual-geometry loss (SPEC 2.1) and cross entropy: invariances, exact scale, neutral values."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from g2vlm_jax import geometry as G
+from g2vlm_jax import losses as L
+from g2vlm_jax.config import LossConfig
+
+_LOSS = jax.jit(lambda p, g: L.visual_geometry_loss(p, g, LossConfig()))  # one compilation per shape
+
+
+def _rot(rng):
+    return G.quaternion_to_matrix(rng.normal(size=4))
+
+
+def _scene(seed=0, b=2, v=3, h=8, w=10):
+    """Random GT: depth > 0, intrinsics, c2w poses -> world points, valid mask, local points."""
+    rng = np.random.default_rng(seed)
+    # Smooth (planar) depth, so the depth-edge test of the normal loss keeps most pixels.
+    u, vv = np.meshgrid(np.arange(w), np.arange(h))
+    coef = rng.uniform(0.0, 0.05, size=(b, v, 2, 1, 1))
+    depth = rng.uniform(1.5, 3.0, size=(b, v, 1, 1)) * (1 + coef[:, :, 0] * u / w + coef[:, :, 1] * vv / h)
+    k = np.array([[20.0, 0, w / 2], [0, 20.0, h / 2], [0, 0, 1]])
+    poses = np.tile(np.eye(4), (b, v, 1, 1))
+    for i, j in itertools.product(range(b), range(v)):
+        poses[i, j, :3, :3] = _rot(rng)
+        poses[i, j, :3, 3] = rng.normal(size=3)
+    local = G.depth_to_camera_points(depth, np.broadcast_to(k, (b, v, 3, 3)))
+    world = G.transform_points(poses[:, :, None, None], local)
+    valid = rng.uniform(size=(b, v, h, w)) > 0.1
+    return {"local": local, "world": world, "poses": poses, "valid": valid}
+
+
+def _gt(s, normal=True):
+    b = s["valid"].shape[0]
+    return {"world_points": jnp.asarray(s["world"], jnp.float32), "valid_mask": jnp.asarray(s["valid"]),
+            "camera_poses": jnp.asarray(s["poses"], jnp.float32), "normal_loss_enabled": jnp.full((b,), normal)}
+
+
+def _pred_from_gt(s, scale, rigid):
+    """What a perfect model could output: GT local points x k, poses = rigid ∘ GT with t x k."""
+    poses = rigid @ s["poses"]
+    poses[..., :3, 3] *= scale
+    world = G.transform_points(rigid, s["world"]) * scale
+    return {"local_points": jnp.asarray(s["local"] * scale, jnp.float32),
+            "camera_poses": jnp.asarray(poses, jnp.float32), "global_points": jnp.asarray(world, jnp.float32)}
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.37, 5.0])
+def test_loss_is_zero_for_gt_up_to_scale_and_rigid_transform(scale):
+    s = _scene(1)
+    rng = np.random.default_rng(7)
+    rigid = np.eye(4)
+    rigid[:3, :3], rigid[:3, 3] = _rot(rng), rng.normal(size=3)
+    # Global points are compared in the GT frame 0: a perfect prediction is expressed there.
+    pred = _pred_from_gt(s, scale, rigid)
+    pred["global_points"] = jnp.asarray(G.transform_points(G.se3_inverse(s["poses"][:, :1, None, None]), s["world"]) * scale, jnp.float32)
+    loss, details = _LOSS(pred, _gt(s))
+    assert float(loss) < 1e-5, details
+    for name in ("local", "normal", "global", "cam_trans", "cam_rot"):
+        assert float(details[name]) < 1e-5, (name, details[name])
+
+
+def test_camera_loss_invariant_to_global_rigid_transform():
+    s = _scene(2)
+    rng = np.random.default_rng(3)
+    noisy = s["poses"].copy()
+    noisy[..., :3, 3] += 0.1 * rng.normal(size=noisy[..., :3, 3].shape)
+    rigid = np.eye(4)
+    rigid[:3, :3], rigid[:3, 3] = _rot(rng), rng.normal(size=3)
+    base = L.camera_loss(jnp.asarray(noisy[0]), jnp.asarray(s["poses"][0]), 1.3, 100.0)
+    moved = L.camera_loss(jnp.asarray(rigid @ noisy[0]), jnp.asarray(s["poses"][0]), 1.3, 100.0)
+    assert float(base[2]) > 1e-3
+    np.testing.assert_allclose([float(x) for x in moved], [float(x) for x in base], rtol=1e-4, atol=1e-6)
+
+
+def test_optimal_scale_equals_brute_force_argmin():
+    rng = np.random.default_rng(4)
+    for trial in range(5):
+        pred = rng.normal(size=(7, 3))
+        gt = pred * rng.uniform(0.5, 2.0) + 0.3 * rng.normal(size=(7, 3))
+        w = rng.uniform(0.1, 2.0, size=7)
+        s = float(L.optimal_scale(jnp.asarray(pred), jnp.asarray(gt), jnp.asarray(w)))
+        objective = lambda c: np.sum(np.repeat(w, 3) * np.abs(c * pred.reshape(-1) - gt.reshape(-1)))
+        candidates = (gt.reshape(-1) / pred.reshape(-1))  # the minimum of a piecewise-linear sum is at a kink
+        best = min(objective(c) for c in candidates)
+        assert objective(s) <= best * (1 + 1e-5)
+        assert s > 0
+
+
+def test_resample_valid_takes_nearest_valid_entries():
+    values = jnp.arange(10.0)[:, None]
+    valid = jnp.array([0, 1, 1, 0, 0, 1, 0, 0, 0, 1], bool)  # valid list: 1, 2, 5, 9
+    out = L.resample_valid(values, valid, size=8)[:, 0]
+    np.testing.assert_array_equal(np.asarray(out), [1, 1, 2, 2, 5, 5, 9, 9])
+
+
+def test_neutral_values_for_empty_nan_and_padded_samples():
+    s = _scene(5)
+    pred = _pred_from_gt(s, 1.0, np.eye(4))
+    pred["local_points"] = pred["local_points"] * 1.1 + 0.05  # a non-zero loss for the good sample
+    gt = _gt(s)
+    world = np.asarray(gt["world_points"]).copy()
+    world[1] = np.nan  # sample 1 has only non-finite GT -> contributes nothing
+    gt["world_points"] = jnp.asarray(world)
+    loss_fn = _LOSS
+    loss, _ = loss_fn(pred, gt)
+    only0 = {k: v[:1] for k, v in pred.items()}
+    loss0, _ = loss_fn(only0, {k: v[:1] for k, v in gt.items()})
+    np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-5)
+    gt["sample_valid"] = jnp.array([False, False])
+    loss_none, _ = loss_fn(pred, gt)
+    assert float(loss_none) == 0.0
+    gt["sample_valid"] = jnp.array([True, True])
+    gt["valid_mask"] = jnp.zeros_like(gt["valid_mask"])
+    loss_empty, details = loss_fn(pred, gt)
+    assert float(loss_empty) == 0.0 and all(np.isfinite(float(v)) for v in details.values())
+
+
+def test_gradients_are_finite_and_loss_decreases_toward_gt():
+    s = _scene(6)
+    gt = _gt(s)
+    pred = _pred_from_gt(s, 1.0, np.eye(4))
+    noisy = dict(pred, local_points=pred["local_points"] + 0.2)
+    loss_fn = lambda p: L.visual_geometry_loss(p, gt, LossConfig())[0]
+    grads = jax.grad(loss_fn)(noisy)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    assert float(loss_fn(noisy)) > float(loss_fn(pred)) + 1e-3
+
+
+def test_normal_loss_only_for_enabled_samples_and_clipping():
+    s = _scene(8)
+    pred = _pred_from_gt(s, 1.0, np.eye(4))
+    rng = np.random.default_rng(0)
+    pred["local_points"] = pred["local_points"] * (1 + 0.05 * rng.normal(size=pred["local_points"].shape))
+    on = _LOSS(pred, _gt(s, normal=True))[1]["normal"]
+    off = _LOSS(pred, _gt(s, normal=False))[1]["normal"]
+    assert float(on) > 0 and float(off) == 0.0
+    clipped, _ = L.visual_geometry_loss(pred, _gt(s), LossConfig(clip_above=1e-9))
+    assert float(clipped) == 0.0
+
+
+def test_cross_entropy_sums_and_token_mean():
+    logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
+    labels = jnp.array([[0, 1]])
+    total, count = L.cross_entropy_sums(logits, labels, jnp.array([[1.0, 1.0]]))
+    np.testing.assert_allclose(float(total), -np.log(0.5) - np.log(0.8), rtol=1e-6)
+    assert float(count) == 2
+    masked = L.token_mean_cross_entropy(logits, labels, jnp.array([[0.0, 1.0]]))
+    np.testing.assert_allclose(float(masked), -np.log(0.8), rtol=1e-6)
+    assert float(L.token_mean_cross_entropy(logits, labels, jnp.zeros((1, 2)))) == 0.0
