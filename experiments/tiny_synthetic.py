@@ -7,13 +7,18 @@ the reconstruction evaluator on the held-out validation split.
 Args (`--experiment experiments/tiny_synthetic.py:ARG`):
   ""      stage-1 reconstruction (default)
   "qa"    stage-2 on synthetic spatial QA (semantic expert trains with CE)
+  "test"  the smallest run with every structural feature (1 layer, 28x28 frames, 2 views): tests
 """
+import dataclasses
+
 from g2vlm_jax import config as c
 
 
 def get_config(arg: str = "") -> c.ExperimentConfig:
-    if arg not in ("", "qa"):
-        raise c.ConfigError(f"tiny_synthetic: unknown arg {arg!r}; allowed values are ['', 'qa']")
+    if arg not in ("", "qa", "test"):
+        raise c.ConfigError(f"tiny_synthetic: unknown arg {arg!r}; allowed values are ['', 'qa', 'test']")
+    if arg == "test":
+        return _test_config()
     qa = arg == "qa"
     model = c.tiny_model(freeze_und=not qa, freeze_recon=qa, use_vit=qa)
     source = c.DataSource(name="synthetic_qa" if qa else "synthetic", kind="recon_qa" if qa else "recon",
@@ -45,3 +50,21 @@ def get_config(arg: str = "") -> c.ExperimentConfig:
                           num_batches=4),
         log_every=10,
     )
+
+
+def _test_config() -> c.ExperimentConfig:
+    """Seconds-per-step config for integration tests (resume, sharding, reliability)."""
+    base = get_config("")
+    model = c.tiny_model(freeze_und=True, use_vit=False)
+    model = dataclasses.replace(model, text=dataclasses.replace(model.text, num_layers=1),
+                                heads=dataclasses.replace(model.heads, decoder_layers=1),
+                                dino=dataclasses.replace(model.dino, num_layers=1))
+    source = c.DataSource(name="synthetic", kind="recon", synthetic_scenes=(16, 4, 4))
+    data = dataclasses.replace(base.data, sources=(source,), eval_sources=(source,), image_size=(28, 28),
+                               view_buckets=(2,), min_views=2, max_views=2, tokens_per_pack=64, packs_per_step=2,
+                               augment=False)
+    return dataclasses.replace(
+        base, name="tiny_synthetic_test", model=model, data=data,
+        optim=dataclasses.replace(base.optim, warmup_steps=1, total_steps=6),
+        checkpoint=c.CheckpointConfig(every_steps=3, keep_last=3),
+        eval=c.EvalConfig(evaluators=("reconstruction",), every_steps=0, num_batches=1), log_every=1)
