@@ -43,8 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _enable_compilation_cache() -> None:
+    """Reuse compiled XLA programs across runs (~/.cache/g2vlm_jax/xla unless JAX_COMPILATION_CACHE_DIR is set)."""
+    import os
+
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/g2vlm_jax/xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _enable_compilation_cache()
     try:
         return args.func(args)
     except config_lib.ConfigError as e:

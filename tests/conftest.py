@@ -20,3 +20,8 @@ if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Persistent XLA compilation cache shared by the test process and the subprocesses it starts:
+# integration tests compile the same tiny train step several times (~2x faster from the cache).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

@@ -38,6 +38,8 @@ class TrainResult:
     last_metrics: dict
     eval_report: dict | None
     preempted: bool
+    spec: state_lib.StateSpec
+    state: state_lib.TrainState
 
 
 class PreemptionWatcher:
@@ -135,7 +137,7 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
     logger.close()
     manager.close()
     return TrainResult(workdir=workdir, final_step=step, last_metrics=last_metrics, eval_report=report,
-                       preempted=preempted)
+                       preempted=preempted, spec=spec, state=state)
 
 
 def _log(logger: MetricLogger, pending, schedule, cfg: config_lib.ExperimentConfig, force: bool = False) -> dict:
