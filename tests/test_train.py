@@ -1,0 +1,88 @@
+"""Training integration: exact resume, stage-1 freezing, CE falls in stage 2 (tiny configs, CPU)."""
+import dataclasses
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from g2vlm_jax import checkpoint as ckpt_lib
+from g2vlm_jax import config as C
+from g2vlm_jax.training import loop, optim
+from g2vlm_jax.training import state as state_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cfg(workdir, *overrides):
+    return C.load_experiment(str(ROOT / "experiments/tiny_synthetic.py:test"), [f"workdir={workdir}", *overrides])
+
+
+def _losses(workdir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def _flat(state) -> dict[str, np.ndarray]:
+    out = {}
+    for part in (state.trainable, state.frozen):
+        out.update({k: np.asarray(jax.device_get(v)) for k, v in ckpt_lib.flat_params(part).items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """6 uninterrupted steps of the test experiment (shared by the tests below)."""
+    workdir = tmp_path_factory.mktemp("straight")
+    cfg = _cfg(workdir)
+    result = loop.train(cfg, run_final_eval=False)
+    return cfg, result
+
+
+def test_resume_is_bitwise_exact(straight_run, tmp_path):
+    cfg, straight = straight_run
+    first = loop.train(dataclasses.replace(cfg, workdir=str(tmp_path)), stop_after_steps=3, run_final_eval=False)
+    assert first.final_step == 3
+    resumed = loop.train(dataclasses.replace(cfg, workdir=str(tmp_path)), run_final_eval=False)
+    assert resumed.final_step == 6
+    a, b = _flat(straight.state), _flat(resumed.state)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    la, lb = _losses(straight.workdir), _losses(tmp_path)
+    assert [la[s] for s in range(1, 7)] == [lb[s] for s in range(1, 7)]
+
+
+def test_stage1_changes_only_the_geometry_side(straight_run):
+    cfg, result = straight_run
+    spec, fresh = state_lib.abstract_state(cfg)
+    init = state_lib._build(cfg, state_lib.default_model_ctor(cfg))[1]
+    before, after = _flat(init), _flat(result.state)
+    changed = {name for name in before if not np.array_equal(before[name], after[name])}
+    groups_changed = {optim.param_group(tuple(name.split("/"))) for name in changed}
+    assert groups_changed <= {"geometry", "dino2llm", "heads"}, groups_changed
+    for frozen_group in ("semantic", "embed", "lm_head", "dino"):
+        names = [n for n in before if optim.param_group(tuple(n.split("/"))) == frozen_group]
+        assert names, frozen_group
+        assert not any(n in changed for n in names), frozen_group
+    assert {"geometry", "heads"} <= groups_changed
+
+
+def test_loss_falls_and_checkpoints_rotate(straight_run):
+    cfg, result = straight_run
+    losses = _losses(result.workdir)
+    assert np.mean([losses[5], losses[6]]) < np.mean([losses[1], losses[2]])
+    manager = ckpt_lib.make_manager(result.workdir / "checkpoints", cfg.checkpoint, read_only=True)
+    assert manager.all_steps() == [3, 6]
+    metadata = ckpt_lib.read_metadata(manager, 6)
+    assert metadata["model_fingerprint"] == C.model_fingerprint(cfg.model)
+
+
+def test_checkpoint_of_another_model_is_rejected(straight_run, tmp_path):
+    cfg, result = straight_run
+    other = dataclasses.replace(cfg, workdir=str(result.workdir),
+                                model=dataclasses.replace(cfg.model, text=dataclasses.replace(cfg.model.text, mlp_hidden=64)))
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="another model config"):
+        loop.train(other, run_final_eval=False)
