@@ -10,6 +10,7 @@ from flax import nnx
 
 from g2vlm_jax import checkpoint as ckpt_lib
 from g2vlm_jax import config as C
+from g2vlm_jax import sharding
 from g2vlm_jax.training import loop, optim
 from g2vlm_jax.training import state as state_lib
 
@@ -57,8 +58,7 @@ def test_resume_is_bitwise_exact(straight_run, tmp_path):
 
 def test_stage1_changes_only_the_geometry_side(straight_run):
     cfg, result = straight_run
-    spec, fresh = state_lib.abstract_state(cfg)
-    init = state_lib._build(cfg, state_lib.default_model_ctor(cfg))[1]
+    _, init, _ = state_lib.create_train_state(cfg, sharding.make_mesh(cfg.mesh))  # as the trainer does
     before, after = _flat(init), _flat(result.state)
     changed = {name for name in before if not np.array_equal(before[name], after[name])}
     groups_changed = {optim.param_group(tuple(name.split("/"))) for name in changed}
