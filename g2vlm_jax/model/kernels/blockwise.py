@@ -297,6 +297,16 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # --------------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------------
+def fit_block(length: int, block_size: int) -> int:
+    """The block actually used for a side of `length` slots: as many blocks as `block_size` needs, made
+    as even as possible (rounded up to a multiple of 8), so padding stays small: 528 slots with
+    block_size 512 run as 2 blocks of 264, not 2 blocks of 512."""
+    if length <= block_size:
+        return length
+    n = -(-length // block_size)
+    return min(block_size, -(-(-(-length // n)) // 8) * 8)
+
+
 def _prepare(q, k, v, q_info, k_info, geo_mode, layer_idx, block_size):
     """Validates, pads to whole blocks and groups query heads; returns the padded arguments of `_flash`."""
     check_geo_mode(geo_mode, layer_idx)
@@ -304,7 +314,7 @@ def _prepare(q, k, v, q_info, k_info, geo_mode, layer_idx, block_size):
         raise ValueError(f"blockwise attention: block_size must be positive, got {block_size}")
     b, lq, hq, dh = q.shape
     lk, hkv = k.shape[1], k.shape[2]
-    plan = _Plan(geo_mode=geo_mode, block_q=min(block_size, lq), block_k=min(block_size, lk))
+    plan = _Plan(geo_mode=geo_mode, block_q=fit_block(lq, block_size), block_k=fit_block(lk, block_size))
     lq_pad = -(-lq // plan.block_q) * plan.block_q
     lk_pad = -(-lk // plan.block_k) * plan.block_k
     qg = _pad_length(q, lq_pad).reshape(b, lq_pad, hkv, hq // hkv, dh)
@@ -321,7 +331,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_info: MaskIn
       q: float[B, Lq, Hq, Dh]; k, v: float[B, Lk, Hkv, Dh] with Hq a multiple of Hkv.
       q_info / k_info: metadata of queries [B, Lq] / keys [B, Lk].
       geo_mode, layer_idx: as in `attention.build_mask`.
-      block_size: query and key block (clamped to the lengths); any length works (padded internally).
+      block_size: largest query/key block (see `fit_block`); any length works (padded internally).
     Returns:
       float[B, Lq, Hq, Dh] in q's dtype; 0 for a query with no allowed key.
     """

@@ -1,0 +1,120 @@
+"""Shared pieces of the benchmarks: reconstruction batches, a small CPU model, compile/memory/timing helpers.
+
+The benchmarks run the MoT decoder stack (g2vlm_jax/model/mot.py) with its shared attention on
+synthetic embeddings: encoders and heads are not part of the measured program (see docs/PERFORMANCE.md).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from g2vlm_jax.batch import GEO_PATCH, PAD_ORDER, TOKEN_DINO, TOKEN_TEXT, PackedBatch, check_batch
+from g2vlm_jax.config import ModelConfig, TextConfig, tiny_model
+from g2vlm_jax.model.attention import MaskInfo
+from g2vlm_jax.model.rope import mrope_cos_sin
+
+PROMPT_TOKENS = 8  # "Reconstruct the 3D scene." (SPEC 1.4 stage-1 layout)
+
+
+def bench_model(kernel: str, **overrides) -> ModelConfig:
+    """The benchmark model: 2 MoT layers, width 128, 4 query / 2 K/V heads of 32, MLP 512, fp32 compute."""
+    text = TextConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+                      mlp_hidden=512, mrope_sections=(4, 6, 6))
+    return tiny_model(text=text, attention_kernel=kernel, **overrides)
+
+
+def recon_batch(views: int, *, packs: int = 1, hw: tuple[int, int] = (224, 224), seed: int = 0) -> PackedBatch:
+    """`packs` rows, each one reconstruction sample: prompt text, then `views` geometry frames
+    [start, h*w patches, end] (expert-grouped layout of g2vlm_jax/batch.py, no semantic images)."""
+    h, w = hw[0] // GEO_PATCH, hw[1] // GEO_PATCH
+    lu = -(-(PROMPT_TOKENS + 2 * views) // 8) * 8
+    lg = views * h * w
+    length = lu + lg
+    rows = {name: np.zeros(length, np.int32) for name in ("token_type", "seq_order", "document_ids", "split_ids")}
+    rows["seq_order"][:] = PAD_ORDER
+    geo_frame, positions = np.full(length, -1, np.int32), np.zeros((3, length), np.int32)
+    split_full = np.zeros(length, bool)
+    order = 0
+
+    def put(slot, pos, split, frame, ttype):
+        nonlocal order
+        rows["token_type"][slot], rows["seq_order"][slot], rows["document_ids"][slot] = ttype, order, 1
+        rows["split_ids"][slot], geo_frame[slot], split_full[slot] = split, frame, frame >= 0
+        positions[:, slot] = pos
+        order += 1
+
+    for p in range(PROMPT_TOKENS):
+        put(p, p, 1, -1, TOKEN_TEXT)
+    p = PROMPT_TOKENS
+    for v in range(views):
+        put(PROMPT_TOKENS + 2 * v, p, v + 2, v, TOKEN_TEXT)
+        for i in range(h):
+            for j in range(w):
+                put(lu + (v * h + i) * w + j, (p + 1, p + 1 + i, p + 1 + j), v + 2, v, TOKEN_DINO)
+        p += 1 + max(h, w)
+        put(PROMPT_TOKENS + 2 * v + 1, p, v + 2, v, TOKEN_TEXT)
+        p += 1
+    return _assemble(rows, geo_frame, split_full, positions, packs, views, hw, seed)
+
+
+def _assemble(rows, geo_frame, split_full, positions, packs, views, hw, seed) -> PackedBatch:
+    rng = np.random.default_rng(seed)
+    tile = lambda a: np.tile(a, (packs,) + (1,) * a.ndim)
+    length = len(geo_frame)
+    per_view = (packs, 1, views)
+    batch = PackedBatch(
+        token_ids=tile(np.where(rows["token_type"] == TOKEN_TEXT, 7, 0).astype(np.int32)),
+        token_type=tile(rows["token_type"]), positions=tile(positions), seq_order=tile(rows["seq_order"]),
+        document_ids=tile(rows["document_ids"]), split_ids=tile(rows["split_ids"]), split_full=tile(split_full),
+        geo_frame=tile(geo_frame), labels=np.zeros((packs, length), np.int32),
+        loss_mask=np.zeros((packs, length), np.float32),
+        geo_images=rng.uniform(size=(*per_view, *hw, 3)).astype(np.float32),
+        sample_valid=np.ones((packs, 1), bool), sem_images=np.zeros((packs, 0, 28, 28, 3), np.float32),
+        sem_image_valid=np.zeros((packs, 0), bool), sem_token_pos=np.zeros((packs, 0, 1), np.int32),
+        gt_world_points=np.zeros((*per_view, *hw, 3), np.float32), gt_valid=np.ones((*per_view, *hw), bool),
+        gt_poses=np.tile(np.eye(4, dtype=np.float32), (*per_view, 1, 1)),
+        gt_intrinsics=np.tile(np.eye(3, dtype=np.float32), (*per_view, 1, 1)),
+        normal_loss_enabled=np.ones((packs, 1), bool))
+    check_batch(batch)
+    return batch
+
+
+def stack_inputs(cfg: ModelConfig, batch: PackedBatch, seed: int = 0):
+    """(xu [B, Lu, D], xg [B, Lg, D], cos, sin [B, L, Dh], MaskInfo): random embeddings and the batch's rope."""
+    t, lu = cfg.text, batch.num_sem_tokens
+    rng = np.random.default_rng(seed)
+    b, length = batch.token_ids.shape
+    xu = jnp.asarray(rng.standard_normal((b, lu, t.hidden_size), np.float32))
+    xg = jnp.asarray(rng.standard_normal((b, length - lu, t.hidden_size), np.float32))
+    cos, sin = mrope_cos_sin(jnp.asarray(batch.positions), t.head_dim, t.rope_theta, t.mrope_sections)
+    info = jax.tree.map(jnp.asarray, MaskInfo.from_batch(batch))
+    return xu, xg, cos, sin, info
+
+
+def memory_bytes(compiled) -> dict[str, int]:
+    """temp / argument / output bytes of a compiled program and their sum ('peak')."""
+    m = compiled.memory_analysis()
+    out = {"temp": m.temp_size_in_bytes, "argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes}
+    out["peak"] = sum(out.values())
+    return out
+
+
+def compile_timed(fn, *args):
+    """(compiled program, seconds spent tracing + lowering + compiling)."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def time_calls(compiled, args, repeats: int) -> float:
+    """Median wall seconds of `repeats` calls (results blocked on)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
