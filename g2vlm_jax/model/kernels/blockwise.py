@@ -182,6 +182,18 @@ def live_blocks(q_info: MaskInfo, k_info: MaskInfo, plan: _Plan, layer) -> jax.A
     return jnp.any(live, axis=0)
 
 
+def _tie_to_data(q, q_info, k_info, layer):
+    """The metadata passed through an optimization barrier together with q.
+
+    Inside `lax.scan` over layers the metadata is a loop constant, and JAX's scan partial evaluation
+    hoists every residual that depends only on loop constants out of the loop: here, the exact mask
+    of every tile ([nq, nk, bq, bk] in total), which would make memory quadratic again. Tying the
+    metadata to q (a per-layer value) keeps the masks inside the loops, one tile at a time.
+    """
+    _, q_info, k_info, layer = jax.lax.optimization_barrier((q, q_info, k_info, layer))
+    return q_info, k_info, layer
+
+
 def _forward(q, k, v, q_info, k_info, layer, plan: _Plan):
     """Online-softmax forward on padded inputs.
 
@@ -189,6 +201,7 @@ def _forward(q, k, v, q_info, k_info, layer, plan: _Plan):
     Returns out [B, Lq, Hkv, G, Dh] fp32, lse [nq, B, Hkv, G, bq] fp32 (-inf for queries without an
     allowed key) and the number of tiles actually computed (int32 scalar).
     """
+    q_info, k_info, layer = _tie_to_data(q, q_info, k_info, layer)
     qb, kb, vb = _blocks(q, plan.block_q), _blocks(k, plan.block_k), _blocks(v, plan.block_k)
     b, nq, bq, hkv, g, dh = qb.shape
     live = live_blocks(q_info, k_info, plan, layer)
@@ -240,6 +253,7 @@ def _tile_grads(qi, kj, vj, doi, lse_i, delta_i, mask):
 
 def _backward(q, k, v, out, lse, dout, q_info, k_info, layer, plan: _Plan):
     """dq, dk, dv (fp32, padded shapes) by recomputing each live tile; key blocks outermost."""
+    q_info, k_info, layer = _tie_to_data(dout, q_info, k_info, layer)
     qb, kb, vb = _blocks(q, plan.block_q), _blocks(k, plan.block_k), _blocks(v, plan.block_k)
     dob = _blocks(dout.astype(q.dtype), plan.block_q)
     # delta = rowsum(dO * O): [B, nq, bq, Hkv, G] -> [nq, B, Hkv, G, bq] to match lse.
