@@ -8,6 +8,7 @@ fallbacks: an unknown key or a value of the wrong type is an error).
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import importlib.util
 import json
@@ -20,6 +21,11 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
+
+
+# Overrides are applied one at a time; validation waits until all are in (else `total_steps=5`
+# followed by `warmup_steps=1` would fail on the intermediate state).
+_DEFER_VALIDATION = contextvars.ContextVar("defer_validation", default=False)
 
 
 def _require(cond: bool, field: str, message: str) -> None:
@@ -162,7 +168,8 @@ class ModelConfig:
         _require(self.attention_block_size > 0, prefix + "attention_block_size", "must be positive")
 
     def __post_init__(self):
-        self.validate()
+        if not _DEFER_VALIDATION.get():
+            self.validate()
 
 
 def g2vlm_2b_model(**overrides: Any) -> ModelConfig:
@@ -340,7 +347,8 @@ class ExperimentConfig:
     profile_steps: tuple[int, int] = (0, 0)  # [start, stop) steps of a jax.profiler trace; (0,0) = off
 
     def __post_init__(self):
-        self.validate()
+        if not _DEFER_VALIDATION.get():
+            self.validate()
 
     def validate(self) -> None:
         self.model.validate()
@@ -381,6 +389,8 @@ def _parse_value(text: str, hint: Any, field: str) -> Any:
             if get_origin(item) is tuple:
                 return tuple(tuple(v) for v in value)
             return tuple(_parse_value(str(v), item, field) for v in value)
+    except ConfigError:
+        raise
     except (ValueError, json.JSONDecodeError) as e:
         raise ConfigError(f"config field '{field}': cannot parse {text!r} as {hint}: {e}") from None
     raise ConfigError(f"config field '{field}': type {hint} cannot be set from the command line")
@@ -409,8 +419,14 @@ def override(cfg: Any, assignment: str) -> Any:
 
 
 def apply_overrides(cfg: Any, assignments: typing.Sequence[str]) -> Any:
-    for a in assignments:
-        cfg = override(cfg, a)
+    """Applies `a.b=value` assignments in order, then validates the result once."""
+    token = _DEFER_VALIDATION.set(True)
+    try:
+        for a in assignments:
+            cfg = override(cfg, a)
+    finally:
+        _DEFER_VALIDATION.reset(token)
+    cfg.validate()
     return cfg
 
 

@@ -13,6 +13,7 @@ everything else is padding. M-RoPE positions follow SPEC 1.4 (restart at 0 per s
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from g2vlm_jax.batch import GEO_PATCH, PAD_ORDER, TOKEN_DINO, TOKEN_TEXT, TOKEN_VIT, VIT_MERGED_PATCH, PackedBatch, check_batch
@@ -184,3 +185,13 @@ def permute_frames(batch: PackedBatch, perm) -> PackedBatch:
     return batch.replace(**fields, geo_images=per_view(batch.geo_images), gt_world_points=per_view(batch.gt_world_points),
                          gt_valid=per_view(batch.gt_valid), gt_poses=per_view(batch.gt_poses),
                          gt_intrinsics=per_view(batch.gt_intrinsics))
+
+
+# Tests do not need fast machine code, only fast compiles: LLVM optimisation level 0 roughly halves
+# XLA:CPU compile time of the small programs the model tests build (their runtime is negligible).
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def fast_jit(fn, **kwargs):
+    """`jax.jit` with test-friendly compiler options."""
+    return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)

@@ -1,0 +1,148 @@
+"""Orbax checkpoints: train state + data-iterator state + run metadata, restorable onto any mesh.
+
+Layout of a run directory:
+
+    <workdir>/checkpoints/<step>/state      sharded train state (Orbax StandardCheckpointHandler)
+    <workdir>/checkpoints/<step>/data       data-iterator state (JSON), so a resume sees the same batches
+    <workdir>/checkpoints/<step>/metadata   experiment config + model fingerprint (JSON)
+
+The manager is opened with explicit item handlers, so a restore needs no knowledge of the topology
+that wrote the checkpoint: the caller passes the *target* shardings (any mesh shape) and Orbax
+reads each shard it needs. A step directory becomes visible only after Orbax finalises it, so a crash
+during an (async) write never leaves a checkpoint that `latest_step` would pick.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from g2vlm_jax import config as config_lib
+
+ITEMS = ("state", "data", "metadata")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint was written for a different model configuration."""
+
+
+def make_manager(directory: str | pathlib.Path, ckpt: config_lib.CheckpointConfig, *,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+    """A CheckpointManager keeping the newest `keep_last` plus every `keep_every`-th step."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=ckpt.keep_last,
+        keep_period=ckpt.keep_every or None,
+        enable_async_checkpointing=ckpt.async_save,
+        create=not read_only,
+        read_only=read_only,
+    )
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "metadata": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), item_names=ITEMS, item_handlers=handlers,
+                                 options=options)
+
+
+def run_metadata(cfg: config_lib.ExperimentConfig) -> dict:
+    return {"config": config_lib.to_dict(cfg), "model_fingerprint": config_lib.model_fingerprint(cfg.model)}
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict, cfg: config_lib.ExperimentConfig,
+         *, force: bool = False) -> bool:
+    """Starts saving `state` and the iterator state at `step` (async if configured)."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                              metadata=ocp.args.JsonSave(run_metadata(cfg)))
+    saved = manager.save(step, args=args, force=force)
+    if saved:
+        logging.info("checkpoint: saving step %d to %s", step, manager.directory)
+    return saved
+
+
+def _abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, shardings)
+
+
+def read_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
+    restored = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+    return restored.metadata
+
+
+def check_compatible(metadata: dict, cfg: config_lib.ExperimentConfig, where: str) -> None:
+    """Raises CheckpointMismatchError when the checkpoint's model shapes differ from `cfg.model`."""
+    theirs = metadata.get("model_fingerprint")
+    ours = config_lib.model_fingerprint(cfg.model)
+    if theirs != ours:
+        a, b = json.loads(theirs or "{}"), json.loads(ours)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise CheckpointMismatchError(
+            f"checkpoint {where} was written for another model config (differs in {diff}); "
+            "use the experiment that wrote it, or convert/initialise with checkpoint.init_from instead")
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, shardings: Any,
+            cfg: config_lib.ExperimentConfig) -> tuple[Any, dict]:
+    """Restores (state, data_state) of `step` onto `shardings` (any mesh), after a config check."""
+    check_compatible(read_metadata(manager, step), cfg, f"{manager.directory}/{step}")
+    target = _abstract_with_shardings(abstract_state, shardings)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                             data=ocp.args.JsonRestore()))
+    return restored.state, restored.data
+
+
+def restore_latest(manager: ocp.CheckpointManager, state: Any, shardings: Any,
+                   cfg: config_lib.ExperimentConfig) -> tuple[int, Any, dict] | None:
+    """Restores the newest *readable* checkpoint: (step, state, data_state), or None if there is none.
+
+    A newest checkpoint that fails to read (truncated or corrupted files) is reported with a warning
+    naming it and the previous one is tried; nothing is deleted. A checkpoint of another model
+    config is an error, not a fallback.
+    """
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored_state, data_state = restore(manager, step, abstract, shardings, cfg)
+        except CheckpointMismatchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any read failure means "not a usable checkpoint"
+            logging.warning("checkpoint %s/%d is unreadable (%s: %s); falling back to the previous one",
+                            manager.directory, step, type(e).__name__, str(e).splitlines()[0][:200])
+            continue
+        return step, restored_state, data_state
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Params-only checkpoints (export for serving, initialisation of a later stage, converted weights)
+# --------------------------------------------------------------------------------------------------
+def flat_params(params: Any) -> dict[str, Any]:
+    """nnx.State of parameters -> {'a/b/0/kernel': array} (the stable on-disk naming)."""
+    from flax import nnx
+
+    return {"/".join(str(k) for k in path): (v.value if hasattr(v, "value") else v)
+            for path, v in nnx.to_flat_state(params)}
+
+
+def save_params(directory: str | pathlib.Path, params: dict[str, Any], metadata: dict) -> pathlib.Path:
+    """Writes a params-only Orbax checkpoint: `<dir>/params` (flat name -> array) + `<dir>/metadata.json`."""
+    directory = pathlib.Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / "params", params, force=True)
+    (directory / "metadata.json").write_text(json.dumps(metadata, indent=1, sort_keys=True))
+    return directory
+
+
+def load_params(directory: str | pathlib.Path, target: dict[str, jax.ShapeDtypeStruct] | None = None) -> tuple[dict, dict]:
+    """Reads a params-only checkpoint: (flat params, metadata). `target` places arrays with shardings."""
+    directory = pathlib.Path(directory).absolute()
+    if not (directory / "params").is_dir() or not (directory / "metadata.json").is_file():
+        raise FileNotFoundError(f"{directory} is not a params-only g2vlm checkpoint (expected params/ and "
+                                "metadata.json); create one with `g2vlm export` or `g2vlm convert`")
+    metadata = json.loads((directory / "metadata.json").read_text())
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(directory / "params", target) if target else checkpointer.restore(directory / "params")
+    return params, metadata

@@ -1,0 +1,168 @@
+"""The trainer, top to bottom: mesh -> sharded state -> data -> resume -> steps -> checkpoints -> eval.
+
+Read it in order; each section is one concern. The run is a pure function of (config, seed): the
+data iterator is step-indexed and checkpointed with the state, so a resume continues the exact same
+run (bitwise-equal parameters, see tests/test_train_resume.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from g2vlm_jax import checkpoint as ckpt_lib
+from g2vlm_jax import config as config_lib
+from g2vlm_jax import sharding as sharding_lib
+from g2vlm_jax.training import data as data_lib
+from g2vlm_jax.training import init as init_lib
+from g2vlm_jax.training import optim as optim_lib
+from g2vlm_jax.training import state as state_lib
+from g2vlm_jax.training import step as step_lib
+from g2vlm_jax.training.logger import MetricLogger
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    workdir: pathlib.Path
+    final_step: int
+    last_metrics: dict
+    eval_report: dict | None
+    preempted: bool
+
+
+def workdir_of(cfg: config_lib.ExperimentConfig) -> pathlib.Path:
+    return pathlib.Path(cfg.workdir or f"runs/{cfg.name}").absolute()
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM into a flag checked between steps (a save, then a clean exit)."""
+
+    def __init__(self, enabled: bool):
+        self.requested = threading.Event()
+        self._previous = None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: checkpointing at the next step boundary, then exiting")
+        self.requested.set()
+
+    def should_stop(self) -> bool:
+        """True on every process once any process saw SIGTERM (agreed across hosts)."""
+        local = self.requested.is_set()
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = None,
+          run_final_eval: bool = True) -> TrainResult:
+    """Trains `cfg` until `optim.total_steps` (or `stop_after_steps` more steps), resuming if possible."""
+    workdir = workdir_of(cfg)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    # ---- Mesh and sharded state -------------------------------------------------------------
+    mesh = sharding_lib.make_mesh(cfg.mesh)
+    logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+    spec, state, shardings = state_lib.create_train_state(cfg, mesh)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+
+    # ---- Data ----------------------------------------------------------------------------------
+    train_iter = data_lib.make_train_iterator(cfg, workdir)
+
+    # ---- Resume, or initialise from an earlier stage -----------------------------------------
+    manager = ckpt_lib.make_manager(workdir / "checkpoints", cfg.checkpoint)
+    restored = ckpt_lib.restore_latest(manager, state, shardings, cfg)
+    if restored is not None:
+        start_step, state, data_state = restored
+        train_iter.set_state(data_state)
+        logging.info("resumed from step %d", start_step)
+    else:
+        start_step = 0
+        if cfg.checkpoint.init_from:
+            state = init_lib.initialise_from(state, cfg)
+    step_fn = step_lib.make_train_step(spec, cfg, shardings, batch_sharding)
+    schedule = optim_lib.learning_rate_schedule(cfg.optim)
+
+    # ---- Steps ---------------------------------------------------------------------------------
+    logger = MetricLogger(workdir, cfg.log_every)
+    watcher = PreemptionWatcher(cfg.checkpoint.save_on_preemption)
+    end_step = cfg.optim.total_steps if stop_after_steps is None else min(cfg.optim.total_steps,
+                                                                           start_step + stop_after_steps)
+    pending = None  # (step, device metrics) of the previous step: read one step late
+    last_metrics: dict = {}
+    preempted = False
+    step = start_step
+    try:
+        while step < end_step:
+            batch = data_lib.to_global(next(train_iter), batch_sharding)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = step_fn(state, batch)
+            step += 1
+            if pending is not None:
+                last_metrics = _log(logger, pending, schedule, cfg)
+            pending = (step, metrics)
+            if step % cfg.checkpoint.every_steps == 0 or step == end_step:
+                ckpt_lib.save(manager, step, state, train_iter.get_state(), cfg)
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end_step:
+                _evaluate(spec, cfg, state, workdir, logger, step, final=False)
+            if watcher.should_stop():
+                ckpt_lib.save(manager, step, state, train_iter.get_state(), cfg, force=True)
+                preempted = True
+                break
+        if pending is not None:
+            last_metrics = _log(logger, pending, schedule, cfg, force=True)
+    finally:
+        manager.wait_until_finished()
+        watcher.close()
+
+    # ---- Final evaluation --------------------------------------------------------------------
+    report = None
+    if run_final_eval and not preempted and step >= cfg.optim.total_steps:
+        report = _evaluate(spec, cfg, state, workdir, logger, step, final=True)
+    logger.close()
+    manager.close()
+    return TrainResult(workdir=workdir, final_step=step, last_metrics=last_metrics, eval_report=report,
+                       preempted=preempted)
+
+
+def _log(logger: MetricLogger, pending, schedule, cfg: config_lib.ExperimentConfig, force: bool = False) -> dict:
+    """Fetches the previous step's metrics, logs them and enforces the non-finite limit."""
+    step, metrics = pending
+    host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+    if host["nonfinite_streak"] >= cfg.optim.max_nonfinite_steps:
+        raise NonFiniteTrainingError(
+            f"{int(host['nonfinite_streak'])} consecutive non-finite steps (limit optim.max_nonfinite_steps="
+            f"{cfg.optim.max_nonfinite_steps}) at step {step}; the last good checkpoint is intact — lower the "
+            "learning rate or inspect the data, then resume")
+    if not host["finite"]:
+        logging.warning("step %d: non-finite loss/gradient, update skipped (streak %d)", step,
+                        int(host["nonfinite_streak"]))
+    logger.record(step, host, {"lr": float(schedule(step - 1))}, force=force)
+    return host
+
+
+def _evaluate(spec, cfg, state, workdir, logger, step, *, final: bool) -> dict:
+    from g2vlm_jax import evaluation  # evaluation composes metrics + inference; imported lazily
+
+    t0 = time.perf_counter()
+    report = evaluation.run_evaluators(spec, cfg, state, workdir, step=step, write_pictures=final)
+    flat = {f"eval/{k}": v for k, v in evaluation.flatten_scalars(report).items()}
+    logger.write(step, {**flat, "eval_time_s": time.perf_counter() - t0}, prefix="eval")
+    return report

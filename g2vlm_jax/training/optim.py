@@ -1,0 +1,115 @@
+"""Optimiser: AdamW + warmup/cosine schedule, parameter groups and per-stage trainable sets (SPEC 3).
+
+Every parameter belongs to exactly one *group*, decided from its path in the model:
+
+| group      | what                                                       |
+|------------|------------------------------------------------------------|
+| embed      | `embed_tokens` (shared by both experts)                    |
+| lm_head    | the untied output projection                               |
+| semantic   | per-layer semantic-expert weights and the final `norm`     |
+| geometry   | per-layer `*_moe_geo` weights, `ls1`/`ls2`, `norm_moe_geo` |
+| vit        | the semantic encoder (`vit_model`)                         |
+| dino       | the geometry encoder (`dino_model`)                        |
+| dino2llm   | DINO -> LLM projection                                     |
+| heads      | point / camera / global-points decoders and heads          |
+
+A stage trains a set of groups (optimiser side); the model's `freeze_und` / `freeze_recon` flags
+stop the gradients at activation level (model side). Frozen parameters are split out of the
+trainable state entirely, so they get no gradient computation and no Adam moments.
+"""
+from __future__ import annotations
+
+import optax
+from flax import nnx
+
+from g2vlm_jax import config as config_lib
+
+GROUPS = ("embed", "lm_head", "semantic", "geometry", "vit", "dino", "dino2llm", "heads")
+
+STAGE_GROUPS: dict[str, tuple[str, ...]] = {
+    "stage1": ("geometry", "dino2llm", "heads"),
+    "stage2": ("semantic", "embed", "lm_head"),
+    "stage2_sr": ("semantic", "embed", "lm_head", "geometry", "dino2llm", "heads"),
+    "all": ("semantic", "embed", "lm_head", "geometry", "dino2llm", "heads", "vit", "dino"),
+}
+
+_HEAD_MODULES = ("point_decoder", "camera_decoder", "global_points_decoder", "point_head", "global_point_head",
+                 "camera_head", "conf_decoder", "conf_head", "heads")
+
+
+def param_group(path: tuple) -> str:
+    """The group of a parameter from its state path (a tuple of attribute names / indices)."""
+    names = [str(p) for p in path]
+    if "vit_model" in names:
+        return "vit"
+    if "dino_model" in names:
+        return "dino"
+    if "dino2llm" in names:
+        return "dino2llm"
+    if any(n in _HEAD_MODULES for n in names):
+        return "heads"
+    if "embed_tokens" in names:
+        return "embed"
+    if "lm_head" in names:
+        return "lm_head"
+    if any(n.endswith("_moe_geo") or n in ("ls1", "ls2") for n in names):
+        return "geometry"
+    return "semantic"
+
+
+def trainable_groups(cfg: config_lib.ExperimentConfig) -> tuple[str, ...]:
+    """Groups the optimiser updates: the stage's groups minus encoders the model config freezes."""
+    groups = STAGE_GROUPS[cfg.optim.stage]
+    if cfg.model.freeze_vit or not cfg.model.use_vit:
+        groups = tuple(g for g in groups if g != "vit")
+    if cfg.model.freeze_dino:
+        groups = tuple(g for g in groups if g != "dino")
+    return groups
+
+
+def is_trainable(cfg: config_lib.ExperimentConfig):
+    """An nnx filter `(path, value) -> bool` selecting the trainable parameters of `cfg`'s stage."""
+    groups = set(trainable_groups(cfg))
+
+    def predicate(path, _value) -> bool:
+        return param_group(path) in groups
+
+    return predicate
+
+
+def learning_rate_schedule(optim: config_lib.OptimConfig) -> optax.Schedule:
+    """Linear warmup from 0 to the peak, then cosine decay to `min_learning_rate` at `total_steps`."""
+    decay_steps = max(optim.total_steps - optim.warmup_steps, 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=optim.learning_rate, warmup_steps=optim.warmup_steps,
+        decay_steps=optim.warmup_steps + decay_steps, end_value=optim.min_learning_rate)
+
+
+def make_optimizer(cfg: config_lib.ExperimentConfig) -> optax.GradientTransformation:
+    """Global-norm clip then AdamW; per-group learning-rate multipliers from `optim.lr_multipliers`.
+
+    The transformation is applied to the trainable state only (frozen groups are not in it).
+    """
+    optim = cfg.optim
+    multipliers = dict(optim.lr_multipliers)
+    unknown = set(multipliers) - set(GROUPS)
+    if unknown:
+        raise config_lib.ConfigError(
+            f"config field 'optim.lr_multipliers': unknown groups {sorted(unknown)}; allowed values are {list(GROUPS)}")
+    schedule = learning_rate_schedule(optim)
+
+    def adamw(scale: float) -> optax.GradientTransformation:
+        return optax.adamw(lambda step: schedule(step) * scale, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                           weight_decay=optim.weight_decay)
+
+    if not multipliers:
+        inner = adamw(1.0)
+    else:
+        groups = trainable_groups(cfg)
+        transforms = {g: adamw(multipliers.get(g, 1.0)) for g in groups}
+
+        def labels(params):
+            return nnx.map_state(lambda path, _value: param_group(path), params)
+
+        inner = optax.multi_transform(transforms, labels)
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), inner)

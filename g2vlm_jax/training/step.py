@@ -1,0 +1,129 @@
+"""The jitted train step: loss (CE + visual geometry), gradient accumulation, clip, AdamW, NaN guard.
+
+Normalisation is global: the CE is the sum of per-token losses over the *whole* batch divided by the
+batch's count of loss tokens (SPEC 2.2), and the visual-geometry loss is the mean over the batch's
+valid samples. With gradient accumulation each micro-batch contributes its sums divided by those
+global counts, so accumulating k micro-batches gives exactly the gradient of the full batch.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from g2vlm_jax import config as config_lib
+from g2vlm_jax import losses
+from g2vlm_jax.batch import PackedBatch
+from g2vlm_jax.training.state import StateSpec, TrainState
+
+
+def _flatten_samples(x: jax.Array) -> jax.Array:
+    """[B, S, ...] -> [B*S, ...]: the geometry loss works per sample."""
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def batch_loss_terms(model: nnx.Module, batch: PackedBatch, cfg: config_lib.ExperimentConfig):
+    """Runs the model and returns un-normalised loss sums.
+
+    Returns:
+      ce_sum: float32[]   sum of per-token CE over loss positions
+      vg_sum: float32[]   sum over valid samples of each sample's visual-geometry loss
+      details: dict of per-term means (for logging)
+    """
+    want_ce = cfg.loss.ce_weight > 0
+    want_vg = cfg.loss.vg_weight > 0
+    out = model(batch, compute_logits=want_ce, compute_geometry=want_vg)
+    details = {}
+    ce_sum = jnp.zeros((), jnp.float32)
+    vg_sum = jnp.zeros((), jnp.float32)
+    if want_ce:
+        lu = batch.num_sem_tokens
+        ce_sum, _ = losses.cross_entropy_sums(out.logits, batch.labels[:, :lu], batch.loss_mask[:, :lu])
+    if want_vg:
+        geo = out.geometry
+        pred = {"local_points": _flatten_samples(geo["local_points"]),
+                "camera_poses": _flatten_samples(geo["camera_poses"])}
+        if "global_points" in geo:
+            pred["global_points"] = _flatten_samples(geo["global_points"])
+        gt = {"world_points": _flatten_samples(batch.gt_world_points), "valid_mask": _flatten_samples(batch.gt_valid),
+              "camera_poses": _flatten_samples(batch.gt_poses),
+              "normal_loss_enabled": batch.normal_loss_enabled.reshape(-1),
+              "sample_valid": batch.sample_valid.reshape(-1)}
+        vg_mean, details = losses.visual_geometry_loss(pred, gt, cfg.loss)
+        vg_sum = vg_mean * jnp.sum(batch.sample_valid).astype(jnp.float32)
+    return ce_sum, vg_sum, details
+
+
+def _split_micro(batch: PackedBatch, k: int) -> PackedBatch:
+    """[B, ...] -> [k, B/k, ...] on every field (the scan axis first)."""
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} packs is not divisible by optim.grad_accum_steps={k}")
+        return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+    return jax.tree_util.tree_map(split, batch)
+
+
+def train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainState, batch: PackedBatch):
+    """One optimiser update over `batch` (split into `optim.grad_accum_steps` micro-batches).
+
+    Returns (new_state, metrics) where metrics are scalars (read by the host one step late).
+    A non-finite loss or gradient leaves parameters and optimiser state untouched and bumps the
+    non-finite counters instead.
+    """
+    k = cfg.optim.grad_accum_steps
+    ce_count = jnp.maximum(jnp.sum(batch.loss_mask), 1.0)
+    vg_count = jnp.maximum(jnp.sum(batch.sample_valid).astype(jnp.float32), 1.0)
+
+    def micro_loss(trainable, micro):
+        model = nnx.merge(spec.graphdef, trainable, state.frozen)
+        ce_sum, vg_sum, details = batch_loss_terms(model, micro, cfg)
+        loss = cfg.loss.ce_weight * ce_sum / ce_count + cfg.loss.vg_weight * vg_sum / vg_count
+        return loss, (ce_sum, vg_sum, details)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    if k == 1:
+        (loss, (ce_sum, vg_sum, details)), grads = grad_fn(state.trainable, batch)
+    else:
+        def body(carry, micro):
+            (loss_i, (ce_i, vg_i, det_i)), g_i = grad_fn(state.trainable, micro)
+            acc = jax.tree_util.tree_map(jnp.add, carry, (loss_i, ce_i, vg_i, g_i))
+            return acc, det_i
+
+        zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, state.trainable))
+        (loss, ce_sum, vg_sum, grads), det_all = jax.lax.scan(body, zeros, _split_micro(batch, k))
+        details = jax.tree_util.tree_map(jnp.mean, det_all)
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = spec.tx.update(grads, state.opt_state, state.trainable)
+    new_trainable = optax.apply_updates(state.trainable, updates)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(
+        step=state.step + finite.astype(jnp.int32),
+        trainable=keep(new_trainable, state.trainable),
+        opt_state=keep(new_opt, state.opt_state),
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+    )
+    metrics = {"loss": loss, "ce": ce_sum / ce_count, "vg": vg_sum / vg_count, "grad_norm": grad_norm,
+               "finite": finite.astype(jnp.float32), "nonfinite_streak": new_state.nonfinite_streak,
+               "loss_tokens": jnp.sum(batch.loss_mask), "tokens": jnp.sum(batch.token_type > 0),
+               **{f"vg/{name}": value for name, value in details.items()}}
+    return new_state, metrics
+
+
+def make_train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state_shardings, batch_shardings):
+    """jit(train_step) with explicit shardings and the input state donated (updated in place)."""
+    fn = functools.partial(train_step, spec, cfg)
+    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
+                   donate_argnums=(0,))
+
+
+def eval_forward(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainState, batch: PackedBatch):
+    """Model outputs for evaluation (no gradients): geometry always, logits when the config has CE."""
+    model = spec.model(state)
+    return model(batch, compute_logits=cfg.loss.ce_weight > 0, compute_geometry=True)
