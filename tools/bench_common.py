@@ -1,7 +1,7 @@
 """Shared pieces of the benchmarks: reconstruction batches, a small CPU model, compile/memory/timing helpers.
 
-The benchmarks run the MoT decoder stack (g2vlm_jax/model/mot.py) with its shared attention on
-synthetic embeddings: encoders and heads are not part of the measured program (see docs/PERFORMANCE.md).
+The benchmarks run the whole G2VLM network (g2vlm_jax/model/g2vlm.py) of `bench_model` on
+synthetic reconstruction packs (see docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 
@@ -9,22 +9,21 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from g2vlm_jax.batch import GEO_PATCH, PAD_ORDER, TOKEN_DINO, TOKEN_TEXT, PackedBatch, check_batch
 from g2vlm_jax.config import ModelConfig, TextConfig, tiny_model
-from g2vlm_jax.model.attention import MaskInfo
-from g2vlm_jax.model.rope import mrope_cos_sin
 
 PROMPT_TOKENS = 8  # "Reconstruct the 3D scene." (SPEC 1.4 stage-1 layout)
 
 
 def bench_model(kernel: str, **overrides) -> ModelConfig:
-    """The benchmark model: 2 MoT layers, width 128, 4 query / 2 K/V heads of 32, MLP 512, fp32 compute."""
+    """The benchmark model: `tiny_model`'s DINO (width 32, 2 layers) and heads (2-layer decoders,
+    4 heads, point/camera dims 32) with a wider MoT backbone (2 layers, width 128, 4 query / 2 K/V
+    heads of 32, MLP 512); no ViT; stage-1 freezing (semantic expert and DINO frozen); fp32 compute."""
     text = TextConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
                       mlp_hidden=512, mrope_sections=(4, 6, 6))
-    return tiny_model(text=text, attention_kernel=kernel, **overrides)
+    return tiny_model(text=text, attention_kernel=kernel, use_vit=False, freeze_und=True, **overrides)
 
 
 def recon_batch(views: int, *, packs: int = 1, hw: tuple[int, int] = (224, 224), seed: int = 0) -> PackedBatch:
@@ -81,18 +80,6 @@ def _assemble(rows, geo_frame, split_full, positions, packs, views, hw, seed) ->
         normal_loss_enabled=np.ones((packs, 1), bool))
     check_batch(batch)
     return batch
-
-
-def stack_inputs(cfg: ModelConfig, batch: PackedBatch, seed: int = 0):
-    """(xu [B, Lu, D], xg [B, Lg, D], cos, sin [B, L, Dh], MaskInfo): random embeddings and the batch's rope."""
-    t, lu = cfg.text, batch.num_sem_tokens
-    rng = np.random.default_rng(seed)
-    b, length = batch.token_ids.shape
-    xu = jnp.asarray(rng.standard_normal((b, lu, t.hidden_size), np.float32))
-    xg = jnp.asarray(rng.standard_normal((b, length - lu, t.hidden_size), np.float32))
-    cos, sin = mrope_cos_sin(jnp.asarray(batch.positions), t.head_dim, t.rope_theta, t.mrope_sections)
-    info = jax.tree.map(jnp.asarray, MaskInfo.from_batch(batch))
-    return xu, xg, cos, sin, info
 
 
 def memory_bytes(compiled) -> dict[str, int]:

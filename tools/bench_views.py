@@ -1,8 +1,9 @@
 """Reconstruction forward time and compiled peak memory versus the number of views, blockwise vs XLA attention.
 
-Program measured: the MoT decoder stack (both experts, shared attention, final norms) of `bench_model`
+Program measured: the whole G2VLM forward of `bench_model` (DINO on every frame, dino2llm, the MoT
+stack with its shared attention, the point / camera / global-point decoders and heads; no logits)
 on one reconstruction pack (prompt + V frames of 224x224 = 256 geometry tokens each, 'global'
-cross-frame attention), forward only, fp32. Peak memory = temp + argument + output bytes of
+cross-frame attention), fp32. Peak memory = temp + argument + output bytes of
 `compiled.memory_analysis()`. A program whose peak exceeds --max-run-gib is compiled and measured
 but not run (its time is reported as '-').
 
@@ -16,8 +17,8 @@ import sys
 import jax
 from flax import nnx
 
-from g2vlm_jax.model.mot import MoTStack
-from tools.bench_common import bench_model, compile_timed, memory_bytes, recon_batch, stack_inputs, time_calls
+from g2vlm_jax.model.g2vlm import G2VLM
+from tools.bench_common import bench_model, compile_timed, memory_bytes, recon_batch, time_calls
 
 KERNELS = ("blockwise", "xla")
 MIB = 2 ** 20
@@ -26,13 +27,13 @@ MAX_RATIO = 20.0  # the blockwise 64-view peak must stay under 20x the 4-view pe
 
 def measure(kernel: str, views: int, max_run_bytes: float) -> dict:
     cfg = bench_model(kernel)
-    graph, state = nnx.split(MoTStack(cfg, rngs=nnx.Rngs(0)))
+    graph, state = nnx.split(G2VLM(cfg, rngs=nnx.Rngs(0)))
 
-    def forward(state, xu, xg, cos, sin, info):
-        return nnx.merge(graph, state)(xu, xg, cos, sin, info)
+    def forward(state, batch):
+        return nnx.merge(graph, state)(batch, compute_logits=False).geometry
 
-    batch = recon_batch(views)
-    args = (state, *stack_inputs(cfg, batch))
+    batch = jax.tree.map(jax.numpy.asarray, recon_batch(views))
+    args = (state, batch)
     compiled, compile_s = compile_timed(forward, *args)
     mem = memory_bytes(compiled)
     seconds = None

@@ -257,7 +257,7 @@ def _backward(q, k, v, out, lse, dout, q_info, k_info, layer, plan: _Plan):
     qb, kb, vb = _blocks(q, plan.block_q), _blocks(k, plan.block_k), _blocks(v, plan.block_k)
     dob = _blocks(dout.astype(q.dtype), plan.block_q)
     # delta = rowsum(dO * O): [B, nq, bq, Hkv, G] -> [nq, B, Hkv, G, bq] to match lse.
-    delta = jnp.sum(dout.astype(jnp.float32) * out, axis=-1)
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     delta = jnp.moveaxis(_blocks(delta, plan.block_q), (1, 2), (0, 4))
     live = live_blocks(q_info, k_info, plan, layer)
     nq = qb.shape[1]
@@ -295,7 +295,8 @@ def _flash(q, k, v, q_info, k_info, layer, plan: _Plan):
 
 def _flash_fwd(q, k, v, q_info, k_info, layer, plan: _Plan):
     out, lse, _ = _forward(q, k, v, q_info, k_info, layer, plan)
-    return out.astype(q.dtype), (q, k, v, out, lse, q_info, k_info, layer)
+    out = out.astype(q.dtype)  # the residual is the output the caller sees (as in FlashAttention)
+    return out, (q, k, v, out, lse, q_info, k_info, layer)
 
 
 def _flash_bwd(plan: _Plan, residuals, dout):
