@@ -10,7 +10,7 @@ from model_batches import make_batch, standard_batch
 from g2vlm_jax.model import attention as attn_lib
 from g2vlm_jax.model.attention import MaskInfo, attention, build_mask, select_kernel
 from g2vlm_jax.model.kernels import cudnn
-from g2vlm_jax.model.kernels.blockwise import block_may_attend, blockwise_tile_counts, pad_info, summarize
+from g2vlm_jax.model.kernels.blockwise import block_may_attend, blockwise_tile_counts, fit_block, pad_info, summarize
 
 MODES = [("global", None), ("frame", None), ("block_causal", None), ("mixed", 0), ("mixed", 1)]
 
@@ -118,6 +118,12 @@ def test_tile_skip_bound_is_conservative(mode, layer):
     assert skipped > 0  # the bound does skip
 
 
+@pytest.mark.parametrize("length, block, want", [(528, 512, 264), (25600, 512, 512), (100, 512, 100), (64, 24, 24),
+                                                 (1040, 512, 352)])
+def test_fit_block_evens_out_blocks(length, block, want):
+    assert fit_block(length, block) == want
+
+
 def test_padded_metadata_is_never_attended():
     info = pad_info(MaskInfo.from_batch(standard_batch(num_rows=1)), 70)
     mask = np.asarray(build_mask(info, info, "global"))[0]
@@ -204,32 +210,3 @@ def test_bad_kernel_requests_raise(kwargs, message):
 def test_kernels_are_listed():
     assert set(attn_lib.KERNELS) == {"auto", "xla", "blockwise", "cudnn"}
 
-
-def test_mot_stack_with_blockwise_matches_xla_under_scan_and_remat(monkeypatch):
-    """The kernel inside the real stack: lax.scan over layers (traced layer index, 'mixed' mode) and
-    full remat, 4 x 4 tiles of 16; outputs and parameter gradients equal the XLA kernel's."""
-    from flax import nnx
-    from g2vlm_jax.config import tiny_model
-    from g2vlm_jax.model import mot
-    from g2vlm_jax.model.rope import mrope_cos_sin
-
-    # mot.py does not pass ModelConfig.attention_block_size to attention() yet: set the block here.
-    monkeypatch.setattr(mot, "attention", functools.partial(attention, block_size=16))
-
-    batch = standard_batch(num_rows=2, views=2)
-    lu, info = batch.num_sem_tokens, MaskInfo.from_batch(batch)
-    results = []
-    for kernel in ("xla", "blockwise"):
-        cfg = tiny_model(attention_kernel=kernel, attention_block_size=16, geo_attention="mixed", remat_policy="full")
-        graph, state = nnx.split(mot.MoTStack(cfg, rngs=nnx.Rngs(0)))
-        t = cfg.text
-        cos, sin = mrope_cos_sin(jnp.asarray(batch.positions), t.head_dim, t.rope_theta, t.mrope_sections)
-        x = jnp.asarray(np.random.default_rng(0).standard_normal((2, info.length, t.hidden_size), np.float32))
-
-        def loss(state, x, cos, sin, info):
-            hu, hg = nnx.merge(graph, state)(x[:, :lu], x[:, lu:], cos, sin, info)
-            return jnp.sum(hu ** 2) + jnp.sum(jnp.sin(hg))
-
-        results.append(jax.jit(jax.value_and_grad(loss))(state, x, cos, sin, info))
-    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -26,45 +26,50 @@ def bench_model(kernel: str, **overrides) -> ModelConfig:
     return tiny_model(text=text, attention_kernel=kernel, use_vit=False, freeze_und=True, **overrides)
 
 
-def recon_batch(views: int, *, packs: int = 1, hw: tuple[int, int] = (224, 224), seed: int = 0) -> PackedBatch:
-    """`packs` rows, each one reconstruction sample: prompt text, then `views` geometry frames
-    [start, h*w patches, end] (expert-grouped layout of g2vlm_jax/batch.py, no semantic images)."""
+def recon_batch(views: int, *, packs: int = 1, samples: int = 1, hw: tuple[int, int] = (224, 224),
+                seed: int = 0) -> PackedBatch:
+    """`packs` identical rows of `samples` reconstruction samples (documents 1..samples), each a
+    prompt then `views` geometry frames [start, h*w patches, end], in the expert-grouped layout of
+    g2vlm_jax/batch.py (no semantic images)."""
     h, w = hw[0] // GEO_PATCH, hw[1] // GEO_PATCH
-    lu = -(-(PROMPT_TOKENS + 2 * views) // 8) * 8
-    lg = views * h * w
-    length = lu + lg
+    sem_per_sample = PROMPT_TOKENS + 2 * views
+    lu = -(-(samples * sem_per_sample) // 8) * 8
+    length = lu + samples * views * h * w
     rows = {name: np.zeros(length, np.int32) for name in ("token_type", "seq_order", "document_ids", "split_ids")}
     rows["seq_order"][:] = PAD_ORDER
     geo_frame, positions = np.full(length, -1, np.int32), np.zeros((3, length), np.int32)
     split_full = np.zeros(length, bool)
-    order = 0
+    cursor = {"order": 0, "split": 0}
 
-    def put(slot, pos, split, frame, ttype):
-        nonlocal order
-        rows["token_type"][slot], rows["seq_order"][slot], rows["document_ids"][slot] = ttype, order, 1
-        rows["split_ids"][slot], geo_frame[slot], split_full[slot] = split, frame, frame >= 0
+    def put(slot, pos, doc, frame, ttype):
+        rows["token_type"][slot], rows["seq_order"][slot], rows["document_ids"][slot] = ttype, cursor["order"], doc
+        rows["split_ids"][slot], geo_frame[slot], split_full[slot] = cursor["split"], frame, frame >= 0
         positions[:, slot] = pos
-        order += 1
+        cursor["order"] += 1
 
-    for p in range(PROMPT_TOKENS):
-        put(p, p, 1, -1, TOKEN_TEXT)
-    p = PROMPT_TOKENS
-    for v in range(views):
-        put(PROMPT_TOKENS + 2 * v, p, v + 2, v, TOKEN_TEXT)
-        for i in range(h):
-            for j in range(w):
-                put(lu + (v * h + i) * w + j, (p + 1, p + 1 + i, p + 1 + j), v + 2, v, TOKEN_DINO)
-        p += 1 + max(h, w)
-        put(PROMPT_TOKENS + 2 * v + 1, p, v + 2, v, TOKEN_TEXT)
-        p += 1
-    return _assemble(rows, geo_frame, split_full, positions, packs, views, hw, seed)
+    for s in range(samples):
+        sem = s * sem_per_sample  # first semantic slot of the sample
+        cursor["split"] += 1
+        for p in range(PROMPT_TOKENS):
+            put(sem + p, p, s + 1, -1, TOKEN_TEXT)
+        p = PROMPT_TOKENS
+        for v in range(views):
+            cursor["split"] += 1
+            put(sem + PROMPT_TOKENS + 2 * v, p, s + 1, v, TOKEN_TEXT)
+            for i in range(h):
+                for j in range(w):
+                    put(lu + ((s * views + v) * h + i) * w + j, (p + 1, p + 1 + i, p + 1 + j), s + 1, v, TOKEN_DINO)
+            p += 1 + max(h, w)
+            put(sem + PROMPT_TOKENS + 2 * v + 1, p, s + 1, v, TOKEN_TEXT)
+            p += 1
+    return _assemble(rows, geo_frame, split_full, positions, packs, samples, views, hw, seed)
 
 
-def _assemble(rows, geo_frame, split_full, positions, packs, views, hw, seed) -> PackedBatch:
+def _assemble(rows, geo_frame, split_full, positions, packs, samples, views, hw, seed) -> PackedBatch:
     rng = np.random.default_rng(seed)
     tile = lambda a: np.tile(a, (packs,) + (1,) * a.ndim)
     length = len(geo_frame)
-    per_view = (packs, 1, views)
+    per_view = (packs, samples, views)
     batch = PackedBatch(
         token_ids=tile(np.where(rows["token_type"] == TOKEN_TEXT, 7, 0).astype(np.int32)),
         token_type=tile(rows["token_type"]), positions=tile(positions), seq_order=tile(rows["seq_order"]),
@@ -72,12 +77,12 @@ def _assemble(rows, geo_frame, split_full, positions, packs, views, hw, seed) ->
         geo_frame=tile(geo_frame), labels=np.zeros((packs, length), np.int32),
         loss_mask=np.zeros((packs, length), np.float32),
         geo_images=rng.uniform(size=(*per_view, *hw, 3)).astype(np.float32),
-        sample_valid=np.ones((packs, 1), bool), sem_images=np.zeros((packs, 0, 28, 28, 3), np.float32),
+        sample_valid=np.ones((packs, samples), bool), sem_images=np.zeros((packs, 0, 28, 28, 3), np.float32),
         sem_image_valid=np.zeros((packs, 0), bool), sem_token_pos=np.zeros((packs, 0, 1), np.int32),
         gt_world_points=np.zeros((*per_view, *hw, 3), np.float32), gt_valid=np.ones((*per_view, *hw), bool),
         gt_poses=np.tile(np.eye(4, dtype=np.float32), (*per_view, 1, 1)),
         gt_intrinsics=np.tile(np.eye(3, dtype=np.float32), (*per_view, 1, 1)),
-        normal_loss_enabled=np.ones((packs, 1), bool))
+        normal_loss_enabled=np.ones((packs, samples), bool))
     check_batch(batch)
     return batch
 
