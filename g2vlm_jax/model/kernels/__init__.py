@@ -1,0 +1,7 @@
+"""Attention kernels behind `g2vlm_jax.model.attention.attention` (which one runs is decided there).
+
+- `blockwise`: flash-style online softmax over key blocks in pure JAX; memory linear in the row
+  length, skips (query block, key block) pairs the mask rule fully forbids. Runs on every backend.
+- `cudnn`: cuDNN fused attention through `jax.nn.dot_product_attention` with the packed-row mask
+  given as a dense additive bias (GPU, bf16/fp16 only).
+"""
