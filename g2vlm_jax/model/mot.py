@@ -149,7 +149,7 @@ class MoTLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         t = cfg.text
         pdt = dtype_of(cfg.param_dtype)
-        self.geo_mode, self.kernel = cfg.geo_attention, cfg.attention_kernel
+        self.geo_mode, self.kernel, self.block_size = cfg.geo_attention, cfg.attention_kernel, cfg.attention_block_size
         self.freeze_und, self.freeze_recon = cfg.freeze_und, cfg.freeze_recon
         self.self_attn = MoTAttention(cfg, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs=rngs)
@@ -179,7 +179,8 @@ class MoTLayer(nnx.Module):
         xu, xg = constrain(xu, ACT_AXES), constrain(xg, ACT_AXES)
         lu = xu.shape[1]
         q, k, v = self.qkv(xu, xg, cos, sin)
-        o = attention(q, k, v, mask_info, geo_mode=self.geo_mode, layer_idx=layer_idx, kernel=self.kernel)
+        o = attention(q, k, v, mask_info, geo_mode=self.geo_mode, layer_idx=layer_idx, kernel=self.kernel,
+                      block_size=self.block_size)
         xu = xu + freeze(self.self_attn.output(o[:, :lu], SEM), self.freeze_und)
         xg = xg + freeze(self.ls1(self.self_attn.output(o[:, lu:], GEO)), self.freeze_recon)
         xu = xu + freeze(self.mlp(self.post_attention_layernorm(xu)), self.freeze_und)
