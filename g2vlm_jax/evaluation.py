@@ -56,10 +56,13 @@ def _mean_of(dicts: list[dict]) -> dict:
 def run_reconstruction(spec, cfg: config_lib.ExperimentConfig, state, *, num_batches: int,
                        keep_examples: int = 2) -> tuple[dict, list]:
     """Runs the model over `num_batches` held-out batches; returns (report, example predictions)."""
-    forward = jax.jit(lambda s, b: step_lib.eval_forward(spec, cfg, s, b).geometry)
+    forward = jax.jit(lambda s, b: step_lib.eval_geometry(spec, cfg, s, b))
     results, examples = [], []
+    vg_total, vg_samples = 0.0, 0
     for batch in data_lib.eval_batches(cfg, num_batches):
-        geo = jax.device_get(forward(state, data_lib.to_global(batch, None)))
+        geo, vg_sum = jax.device_get(forward(state, data_lib.to_global(batch, None)))
+        vg_total += float(vg_sum)
+        vg_samples += int(np.sum(batch.sample_valid))
         for b, s in zip(*np.nonzero(np.asarray(batch.sample_valid))):
             pred = {k: np.asarray(v[b, s], np.float64) for k, v in geo.items()}
             gt = {"world_points": np.asarray(batch.gt_world_points[b, s], np.float64),
@@ -68,7 +71,7 @@ def run_reconstruction(spec, cfg: config_lib.ExperimentConfig, state, *, num_bat
             results.append(evaluate_reconstruction_sample(pred, gt))
             if len(examples) < keep_examples:
                 examples.append((pred, gt))
-    report = {"num_samples": len(results)}
+    report = {"num_samples": len(results), "vg_loss": vg_total / max(vg_samples, 1)}
     for part in ("depth", "pointmap", "pose"):
         report[part] = _mean_of([r[part] for r in results if part in r])
     return report, examples

@@ -14,6 +14,15 @@ import numpy as np
 from absl import logging
 
 
+_CONSOLE_KEYS = ("loss", "ce", "vg", "grad_norm", "lr", "tokens_per_s", "step_time_s", "mfu")
+_CONSOLE_EVAL_SUFFIXES = ("vg_loss", "abs_rel", "delta_1.25", "/acc", "/comp", "auc@30", "overall")
+
+
+def _shown_on_console(key: str) -> bool:
+    """The console line shows the headline numbers; every scalar still goes to JSONL/TensorBoard."""
+    return key in _CONSOLE_KEYS or (key.startswith("eval/") and key.endswith(_CONSOLE_EVAL_SUFFIXES))
+
+
 class MetricLogger:
     """Accumulates per-step scalars and writes averaged records every `log_every` steps."""
 
@@ -67,9 +76,7 @@ class MetricLogger:
             if k != "step" and isinstance(v, (int, float)):
                 self._tb.add_scalar(f"{prefix}/{k}", v, step)
         self._tb.flush()
-        shown = " ".join(f"{k}={v:.4g}" for k, v in record.items()
-                         if k in ("loss", "ce", "vg", "grad_norm", "lr", "tokens_per_s", "step_time_s", "mfu")
-                         or k.startswith("eval/"))
+        shown = " ".join(f"{k}={v:.4g}" for k, v in record.items() if _shown_on_console(k))
         logging.info("[%s] step %d %s", prefix, step, shown)
         print(f"[{prefix}] step {step} {shown}", flush=True)
 

@@ -25,16 +25,18 @@ def _flatten_samples(x: jax.Array) -> jax.Array:
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def batch_loss_terms(model: nnx.Module, batch: PackedBatch, cfg: config_lib.ExperimentConfig):
-    """Runs the model and returns un-normalised loss sums.
+def batch_loss_terms(model: nnx.Module, batch: PackedBatch, cfg: config_lib.ExperimentConfig, *,
+                     want_ce: bool | None = None, want_vg: bool | None = None):
+    """Runs the model and returns un-normalised loss sums (and the model outputs).
 
     Returns:
       ce_sum: float32[]   sum of per-token CE over loss positions
       vg_sum: float32[]   sum over valid samples of each sample's visual-geometry loss
       details: dict of per-term means (for logging)
+      out: the ModelOutput
     """
-    want_ce = cfg.loss.ce_weight > 0
-    want_vg = cfg.loss.vg_weight > 0
+    want_ce = cfg.loss.ce_weight > 0 if want_ce is None else want_ce
+    want_vg = cfg.loss.vg_weight > 0 if want_vg is None else want_vg
     out = model(batch, compute_logits=want_ce, compute_geometry=want_vg)
     details = {}
     ce_sum = jnp.zeros((), jnp.float32)
@@ -54,7 +56,7 @@ def batch_loss_terms(model: nnx.Module, batch: PackedBatch, cfg: config_lib.Expe
               "sample_valid": batch.sample_valid.reshape(-1)}
         vg_mean, details = losses.visual_geometry_loss(pred, gt, cfg.loss)
         vg_sum = vg_mean * jnp.sum(batch.sample_valid).astype(jnp.float32)
-    return ce_sum, vg_sum, details
+    return ce_sum, vg_sum, details, out
 
 
 def _split_micro(batch: PackedBatch, k: int) -> PackedBatch:
@@ -80,7 +82,7 @@ def train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainSt
 
     def micro_loss(trainable, micro):
         model = nnx.merge(spec.graphdef, trainable, state.frozen)
-        ce_sum, vg_sum, details = batch_loss_terms(model, micro, cfg)
+        ce_sum, vg_sum, details, _ = batch_loss_terms(model, micro, cfg)
         loss = cfg.loss.ce_weight * ce_sum / ce_count + cfg.loss.vg_weight * vg_sum / vg_count
         return loss, (ce_sum, vg_sum, details)
 
@@ -123,7 +125,10 @@ def make_train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state_sha
                    donate_argnums=(0,))
 
 
-def eval_forward(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainState, batch: PackedBatch):
-    """Model outputs for evaluation (no gradients): geometry always, logits when the config has CE."""
-    model = spec.model(state)
-    return model(batch, compute_logits=cfg.loss.ce_weight > 0, compute_geometry=True)
+def eval_geometry(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainState, batch: PackedBatch):
+    """Geometry outputs and the visual-geometry loss sum of a held-out batch (no gradients).
+
+    Returns (geometry dict [B, S, V, ...], vg_sum over valid samples).
+    """
+    _, vg_sum, _, out = batch_loss_terms(spec.model(state), batch, cfg, want_ce=False, want_vg=True)
+    return out.geometry, vg_sum
