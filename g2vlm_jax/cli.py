@@ -1,7 +1,8 @@
 """`g2vlm` command line: each subcommand composes library functions (no logic lives here).
 
     g2vlm train   --experiment experiments/NAME.py[:ARG] [--set key=value ...]
-    g2vlm eval    --experiment ... --checkpoint RUN_DIR
+    g2vlm eval    --experiment ... --checkpoint RUN_DIR [--step N]
+    g2vlm convert-data {npz,scannet,spar} SRC OUT_DIR [...]   (see `g2vlm convert-data -h`)
 """
 from __future__ import annotations
 
@@ -34,12 +35,43 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from g2vlm_jax import evaluation
+
+    cfg = _load(args)
+    report = evaluation.evaluate_checkpoint(cfg, args.checkpoint, step=args.step)
+    print(json.dumps(evaluation.flatten_scalars(report), indent=1, sort_keys=True))
+    print(f"report: {args.checkpoint}/eval/report.json")
+    return 0
+
+
+def cmd_convert_data(args) -> int:
+    from data_pipelines import convert
+
+    result = convert.main(args.rest)
+    if result is None:  # `-h`
+        return 0
+    print(f"wrote {result.dataset} to {result.data_dir} (splits {result.splits}, skipped {result.skipped})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g2vlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train an experiment (resumes from its run directory)")
     _experiment_args(p)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on the held-out split (report + pictures)")
+    _experiment_args(p)
+    p.add_argument("--checkpoint", required=True, help="run directory of a training run")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest readable)")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("convert-data", help="convert real data (npz scenes, ScanNet, SPAR QA) into records",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_convert_data)
     return parser
 
 
@@ -55,7 +87,11 @@ def _enable_compilation_cache() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert-data"]:  # the converters own their argument parser (and its -h)
+        args = argparse.Namespace(rest=argv[1:], func=cmd_convert_data)
+    else:
+        args = build_parser().parse_args(argv)
     _enable_compilation_cache()
     try:
         return args.func(args)

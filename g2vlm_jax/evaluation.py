@@ -114,3 +114,30 @@ def flatten_scalars(report: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
             flat[f"{prefix}{k}"] = float(v)
     return flat
+
+
+def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib.Path, *, step: int | None = None) -> dict:
+    """Restores a run's checkpoint (newest readable one, or `step`) and runs every evaluator of `cfg`.
+
+    The report and pictures go to `<run_dir>/eval/`.
+    """
+    from g2vlm_jax import checkpoint as ckpt_lib
+    from g2vlm_jax import sharding as sharding_lib
+    from g2vlm_jax.training import state as state_lib
+
+    run_dir = pathlib.Path(run_dir).absolute()
+    if not (run_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{run_dir} has no checkpoints/ directory; pass the run directory of a training run "
+                                "(--checkpoint runs/<experiment name>)")
+    mesh = sharding_lib.make_mesh(cfg.mesh)
+    spec, state, shardings = state_lib.create_train_state(cfg, mesh)
+    manager = ckpt_lib.make_manager(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
+    if step is None:
+        restored = ckpt_lib.restore_latest(manager, state, shardings, cfg)
+        if restored is None:
+            raise FileNotFoundError(f"{run_dir}/checkpoints holds no readable checkpoint")
+        step, state, _ = restored
+    else:
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        state, _ = ckpt_lib.restore(manager, step, abstract, shardings, cfg)
+    return run_evaluators(spec, cfg, state, run_dir, step=step, write_pictures=True)
