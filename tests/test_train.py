@@ -86,3 +86,18 @@ def test_checkpoint_of_another_model_is_rejected(straight_run, tmp_path):
                                 model=dataclasses.replace(cfg.model, text=dataclasses.replace(cfg.model.text, mlp_hidden=64)))
     with pytest.raises(ckpt_lib.CheckpointMismatchError, match="another model config"):
         loop.train(other, run_final_eval=False)
+
+
+def test_eval_command_writes_report_and_pictures(straight_run):
+    from g2vlm_jax import evaluation
+
+    cfg, result = straight_run
+    report = evaluation.evaluate_checkpoint(cfg, result.workdir)
+    recon = report["reconstruction"]
+    assert report["step"] == 6 and recon["num_samples"] > 0
+    assert np.isfinite(recon["vg_loss"]) and 0 <= recon["depth"]["abs_rel"] < 10
+    assert 0 <= recon["pose"]["auc@30"] <= 100 and recon["pointmap"]["acc"] >= 0
+    eval_dir = result.workdir / "eval"
+    assert (eval_dir / "report.json").is_file()
+    for name in recon["pictures"]:
+        assert (eval_dir / name).stat().st_size > 1000, name
