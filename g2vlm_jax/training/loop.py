@@ -103,6 +103,8 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
     watcher = PreemptionWatcher(cfg.checkpoint.save_on_preemption)
     end_step = cfg.optim.total_steps if stop_after_steps is None else min(cfg.optim.total_steps,
                                                                            start_step + stop_after_steps)
+    if cfg.eval.every_steps and start_step == 0 and stop_after_steps is None:
+        _evaluate(spec, cfg, state, workdir, logger, 0, final=False)  # the untrained baseline
     pending = None  # (step, device metrics) of the previous step: read one step late
     last_metrics: dict = {}
     preempted = False
