@@ -85,8 +85,7 @@ class Qwen2Tokenizer(Tokenizer):
                                     "holds tokenizer.json")
         self._tok = HFTokenizer.from_file(str(path))
         ids = {t: self._tok.token_to_id(t) for t in SPECIAL_TOKENS}
-        wrong = {t: i for t, i in ids.items() if i != QWEN2_SPECIAL_IDS[t] and self._tok.get_vocab_size() > 151653}
-        if any(i is None for i in ids.values()) or wrong:
+        if ids != QWEN2_SPECIAL_IDS:
             raise ValueError(f"{path}: special tokens {ids} do not match the Qwen2 ids {QWEN2_SPECIAL_IDS}")
         self.vocab_size = self._tok.get_vocab_size()
         pad = self._tok.token_to_id("<|endoftext|>")

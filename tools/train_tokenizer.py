@@ -44,6 +44,7 @@ def train(out: pathlib.Path, vocab_size: int = 512, num_scenes: int = 96) -> pat
         sentence_iterator=iter(corpus_lines(num_scenes)), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", character_coverage=1.0, byte_fallback=False, num_threads=1,
         normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        add_dummy_prefix=False,
         user_defined_symbols=list(tokenizer_lib.SPECIAL_TOKENS), pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
         shuffle_input_sentence=False, minloglevel=2, hard_vocab_limit=False)
     out.write_bytes(model.getvalue())
