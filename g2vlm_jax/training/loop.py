@@ -106,11 +106,13 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
     if cfg.eval.every_steps and start_step == 0 and stop_after_steps is None:
         _evaluate(spec, cfg, state, workdir, logger, 0, final=False)  # the untrained baseline
     pending = None  # (step, device metrics) of the previous step: read one step late
+    tracing = False
     last_metrics: dict = {}
     preempted = False
     step = start_step
     try:
         while step < end_step:
+            tracing = _toggle_profiler(cfg, step, tracing, workdir)
             batch = data_lib.to_global(next(train_iter), batch_sharding)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = step_fn(state, batch)
@@ -129,6 +131,8 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
         if pending is not None:
             last_metrics = _log(logger, pending, schedule, cfg, force=True)
     finally:
+        if tracing:
+            jax.profiler.stop_trace()  # the run ended inside the profiling window
         manager.wait_until_finished()
         watcher.close()
 
@@ -140,6 +144,18 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
     manager.close()
     return TrainResult(workdir=workdir, final_step=step, last_metrics=last_metrics, eval_report=report,
                        preempted=preempted, spec=spec, state=state)
+
+
+def _toggle_profiler(cfg: config_lib.ExperimentConfig, step: int, tracing: bool, workdir: pathlib.Path) -> bool:
+    """Traces steps [start, stop) of `cfg.profile_steps` with jax.profiler (view in TensorBoard)."""
+    start, stop = cfg.profile_steps
+    if not tracing and start <= step < stop:
+        jax.profiler.start_trace(str(workdir / "profile"))
+        return True
+    if tracing and step >= stop:
+        jax.profiler.stop_trace()
+        return False
+    return tracing
 
 
 def _log(logger: MetricLogger, pending, schedule, cfg: config_lib.ExperimentConfig, force: bool = False) -> dict:
