@@ -37,7 +37,7 @@ def _flat(state) -> dict[str, np.ndarray]:
 def straight_run(tmp_path_factory):
     """6 uninterrupted steps of the test experiment (shared by the tests below)."""
     workdir = tmp_path_factory.mktemp("straight")
-    cfg = _cfg(workdir)
+    cfg = _cfg(workdir, "profile_steps=2,3")  # profiling must not change the numbers (resume test below)
     result = loop.train(cfg, run_final_eval=False)
     return cfg, result
 
@@ -76,6 +76,7 @@ def test_loss_falls_and_checkpoints_rotate(straight_run):
     assert np.mean([losses[5], losses[6]]) < np.mean([losses[1], losses[2]])
     manager = ckpt_lib.make_manager(result.workdir / "checkpoints", cfg.checkpoint, read_only=True)
     assert manager.all_steps() == [3, 6]
+    assert any((result.workdir / "profile").rglob("*.xplane.pb")), "profile_steps=2,3 wrote no trace"
     metadata = ckpt_lib.read_metadata(manager, 6)
     assert metadata["model_fingerprint"] == C.model_fingerprint(cfg.model)
 
