@@ -9,6 +9,8 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+
+from g2vlm_jax import geometry
 import numpy as np
 import pytest
 from flax import nnx
@@ -111,12 +113,12 @@ def test_rotation_from_9d_is_always_proper():
     m = rng.normal(size=(4000, 9)) * rng.choice([1e-3, 1.0, 1e3], size=(4000, 1))
     special = np.array([np.zeros(9), np.eye(3).ravel(), -np.eye(3).ravel(), np.diag([1.0, 1.0, -1.0]).ravel(),
                         np.ones(9), [1.0, 0, 0, 1.0, 0, 0, 0, 0, 1.0], [0, 0, 0, 0, 0, 0, 0, 0, 1.0]])
-    rot = heads._rotation_from_9d(jnp.asarray(np.concatenate([m, special]), jnp.float32))
+    rot = geometry.rotation_from_9d(jnp.asarray(np.concatenate([m, special]), jnp.float32))
     _assert_proper(rot)
     # A rotation maps to itself; a reflection-free orthogonal input is kept.
     q, _ = np.linalg.qr(rng.normal(size=(16, 3, 3)))
     q = q * np.sign(np.linalg.det(q))[:, None, None]
-    np.testing.assert_allclose(np.asarray(heads._rotation_from_9d(jnp.asarray(q.reshape(16, 9), jnp.float32))), q,
+    np.testing.assert_allclose(np.asarray(geometry.rotation_from_9d(jnp.asarray(q.reshape(16, 9), jnp.float32))), q,
                                atol=1e-5)
 
 

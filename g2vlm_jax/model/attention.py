@@ -242,9 +242,13 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) ->
     m = mask[:, None, None, :, :]
     logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
     # Softmax by hand so that a row with no allowed key yields zeros: its max is finfo.min, every
-    # exp is then multiplied by the mask, and the denominator is floored away from 0.
+    # exp is then multiplied by the mask, and its (zero) denominator is replaced by 1.
     logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     p = jnp.exp(logits) * m
-    p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    # A row with no allowed key (padding) has denominator 0: divide by 1 there instead. Flooring the
+    # denominator at `tiny` would be fine forwards, but its backward term 1/tiny² overflows and
+    # 0 * inf poisons the whole gradient with NaN.
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, lq, hq, dh).astype(q.dtype)

@@ -151,7 +151,7 @@ class G2VLM(nnx.Module):
         b, s, v = batch.geo_images.shape[:3]
         h, w = batch.geo_grid
         tokens = geo_hidden.reshape(b * s, v, h * w, geo_hidden.shape[-1])
-        out = self.heads(tokens, (h, w), with_global=global_points)
+        out = self.heads(tokens, (h, w), with_global=global_points, sample_valid=batch.sample_valid.reshape(b * s))
         return {name: a.reshape((b, s) + a.shape[1:]) for name, a in out.items()}
 
     def __call__(self, batch: PackedBatch, *, compute_logits: bool = True, compute_geometry: bool = True,

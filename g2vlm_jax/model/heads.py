@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from g2vlm_jax import geometry
 from g2vlm_jax.config import ModelConfig
 from g2vlm_jax.model import encoder_layers as el
 from g2vlm_jax.model.rope import apply_rotary_2d, grid_positions, rope_2d_cos_sin
@@ -207,20 +208,6 @@ class ResConvBlock(nnx.Module):
         return x + jax.nn.relu(self.res_conv3(y))
 
 
-def _rotation_from_9d(m9: jax.Array) -> jax.Array:
-    """float[..., 9] -> proper rotations float[..., 3, 3].
-
-    Row-major 3x3, each row normalised (zero rows stay zero, like torch's F.normalize), then the
-    nearest rotation: M = U S V^T -> R = U diag(1, 1, det(U V^T)) V^T.
-    """
-    m = m9.reshape(m9.shape[:-1] + (3, 3)).astype(jnp.float32)
-    m = m / jnp.maximum(jnp.linalg.norm(m, axis=-1, keepdims=True), 1e-12)
-    u, _, vt = jnp.linalg.svd(m)
-    det = jnp.sign(jnp.linalg.det(u @ vt))
-    u = u.at[..., :, 2].multiply(det[..., None])
-    return u @ vt
-
-
 class CameraHead(nnx.Module):
     """Residual MLP blocks -> mean over the frame's tokens -> MLP -> fc_t (3), fc_rot (9) -> c2w (fp32)."""
 
@@ -232,14 +219,22 @@ class CameraHead(nnx.Module):
         self.fc_t = el.dense(dim, 3, (None, None), **kw)
         self.fc_rot = el.dense(dim, 9, (None, None), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: float[F, N, dim] -> camera-to-world poses float32[F, 4, 4]."""
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        """x: float[F, N, dim], valid: bool[F] or None -> camera-to-world poses float32[F, 4, 4].
+
+        Frames of padded sample slots (`valid` False) get the identity rotation: their 9-d outputs are
+        replaced *before* the SVD, whose derivative is infinite at the repeated singular values such
+        frames produce (a zero cotangent times inf would turn every gradient into NaN).
+        """
         x = x.astype(jnp.float32)
         for block in self.res_conv:
             x = block(x)
         x = x.mean(axis=1)
         x = jax.nn.relu(self.more_mlps_2(jax.nn.relu(self.more_mlps_0(x))))
-        rot = _rotation_from_9d(self.fc_rot(x))
+        m9 = self.fc_rot(x)
+        if valid is not None:
+            m9 = jnp.where(valid[:, None], m9, jnp.eye(3, dtype=m9.dtype).reshape(9))
+        rot = geometry.rotation_from_9d(m9)
         top = jnp.concatenate([rot, self.fc_t(x)[:, :, None]], axis=-1)  # [F, 3, 4]
         bottom = jnp.broadcast_to(jnp.asarray([0.0, 0.0, 0.0, 1.0], jnp.float32), (x.shape[0], 1, 4))
         return jnp.concatenate([top, bottom], axis=1)
@@ -264,8 +259,10 @@ class GeometryHeads(nnx.Module):
             self.conf_decoder = TransformerDecoder(cfg, h.point_dim, **kw)
             self.conf_head = LinearPts3d(h.point_dim, 1, self.patch, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, tokens: jax.Array, grid: tuple[int, int], *, with_global: bool = True) -> dict[str, jax.Array]:
-        """tokens: float[B, V, h*w, D], grid (h, w) -> dict of float32 outputs (H = h*p, W = w*p):
+    def __call__(self, tokens: jax.Array, grid: tuple[int, int], *, with_global: bool = True,
+                 sample_valid: jax.Array | None = None) -> dict[str, jax.Array]:
+        """tokens: float[B, V, h*w, D], grid (h, w), sample_valid: bool[B] or None (padded sample slots)
+        -> dict of float32 outputs (H = h*p, W = w*p):
 
         local_points [B, V, H, W, 3], camera_poses [B, V, 4, 4] (c2w), world_points [B, V, H, W, 3],
         global_points [B, V, H, W, 3] (if with_global), confidence [B, V, H, W] logits (if cfg.heads.confidence).
@@ -284,7 +281,8 @@ class GeometryHeads(nnx.Module):
         uvs = self.point_head(self.point_decoder(frames, cos, sin), h, w)
         z = jnp.exp(uvs[..., 2:])
         local = jnp.concatenate([uvs[..., :2] * z, z], axis=-1).reshape(b, v, hh, ww, 3)
-        poses = self.camera_head(self.camera_decoder(frames, cos, sin)).reshape(b, v, 4, 4)
+        frame_valid = None if sample_valid is None else jnp.repeat(sample_valid.reshape(b).astype(bool), v)
+        poses = self.camera_head(self.camera_decoder(frames, cos, sin), frame_valid).reshape(b, v, 4, 4)
         world = jnp.einsum("bvij,bvhwj->bvhwi", poses[..., :3, :3], local, precision=jax.lax.Precision.HIGHEST)
         world = world + poses[:, :, None, None, :3, 3]
         out = dict(local_points=local, camera_poses=poses, world_points=world)
