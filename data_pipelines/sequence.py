@@ -149,6 +149,17 @@ def _answer(b: SequenceBuilder, answer: str) -> None:
     b.text("<|im_end|>")
 
 
+def _images_question_answer(b: SequenceBuilder, num_sem: int, sem_height: int, sem_width: int, question: str,
+                            answer: str) -> SampleTokens:
+    """The shared end of the chat layouts: semantic images, question, assistant turn, trained answer."""
+    for _ in range(num_sem):
+        b.semantic_image(sem_height, sem_width)
+    b.text(question)
+    b.text(ASSISTANT_TURN)
+    _answer(b, answer)
+    return b.build()
+
+
 def recon_qa_sample(tok: Tokenizer, views: int, height: int, width: int, num_sem: int, sem_height: int,
                     sem_width: int, question: str, answer: str) -> SampleTokens:
     """Stage-2 layout: chat prefix, prompt, geometry frames, semantic images, question, answer."""
@@ -156,24 +167,14 @@ def recon_qa_sample(tok: Tokenizer, views: int, height: int, width: int, num_sem
     b.text(SYSTEM_PREFIX)
     b.text(RECON_PROMPT)
     b.geometry_frames(views, height, width)
-    for _ in range(num_sem):
-        b.semantic_image(sem_height, sem_width)
-    b.text(question)
-    b.text(ASSISTANT_TURN)
-    _answer(b, answer)
-    return b.build()
+    return _images_question_answer(b, num_sem, sem_height, sem_width, question, answer)
 
 
 def vqa_sample(tok: Tokenizer, num_sem: int, sem_height: int, sem_width: int, question: str, answer: str) -> SampleTokens:
     """General VQA: chat template with the semantic images at the start of the first user turn."""
     b = SequenceBuilder(tok)
     b.text(SYSTEM_PREFIX)
-    for _ in range(num_sem):
-        b.semantic_image(sem_height, sem_width)
-    b.text(question)
-    b.text(ASSISTANT_TURN)
-    _answer(b, answer)
-    return b.build()
+    return _images_question_answer(b, num_sem, sem_height, sem_width, question, answer)
 
 
 # --------------------------------------------------------------------------------------------------
