@@ -100,6 +100,26 @@ def _draw_markers(image: np.ndarray, markers, view: int, scale: tuple[float, flo
     return np.asarray(pil)
 
 
+def qa_inputs(scene, qa, bucket: Bucket, sem_size: tuple[int, int], rng: np.random.Generator, *,
+              augment: bool) -> tuple[sampling.ViewSample, np.ndarray]:
+    """The model inputs of one question: geometry views and the marked semantic image.
+
+    The question's own views come first (in their order), then other sampled frames. The semantic
+    image is the question's first view resized to `sem_size` (H, W) with its markers drawn, as
+    float32[H, W, 3] in [0, 1]. Shared by training batches and the spatial-QA evaluator.
+    """
+    frames = list(qa.views[:bucket.views])
+    rest = [f for f in sampling.sample_frames(scene.num_views, bucket.views + len(frames), rng) if f not in frames]
+    frames = (frames + rest + frames * bucket.views)[:bucket.views]
+    views = sampling.sample_views(scene, bucket.views, (bucket.height, bucket.width), rng, augment=augment,
+                                  frames=frames)
+    src_view = qa.views[0] if qa.views else frames[0]
+    sh, sw = sem_size
+    img = np.asarray(Image.fromarray(scene.images[src_view]).resize((sw, sh), Image.BICUBIC))
+    img = _draw_markers(img, qa.markers, src_view, (sw / scene.images.shape[2], sh / scene.images.shape[1]))
+    return views, img.astype(np.float32) / 255.0
+
+
 class BatchMaker:
     """Builds the numpy batch of one global step for one process: `maker(step) -> (fields, skips)`."""
 
@@ -176,21 +196,14 @@ class BatchMaker:
                                  f"{d.max_text_tokens}")
             skips["text_too_long"] += 1
             return None
-        frames = list(qa.views[:bucket.views])
-        rest = [f for f in sampling.sample_frames(scene.num_views, bucket.views + len(frames), rng) if f not in frames]
-        frames = (frames + rest + frames * bucket.views)[:bucket.views]
-        views = sampling.sample_views(scene, bucket.views, (bucket.height, bucket.width), rng, augment=self.augment,
-                                      frames=frames)
-        src_view = qa.views[0] if qa.views else frames[0]
+        views, img = qa_inputs(scene, qa, bucket, d.vit_image_size, rng, augment=self.augment)
         sh, sw = d.vit_image_size
-        img = np.asarray(Image.fromarray(scene.images[src_view]).resize((sw, sh), Image.BICUBIC))
-        img = _draw_markers(img, qa.markers, src_view, (sw / scene.images.shape[2], sh / scene.images.shape[1]))
-        make = sequence.recon_qa_sample if source.kind == "recon_qa" else None
-        if make is None:
-            tokens = sequence.vqa_sample(tok, 1, sh, sw, qa.question, qa.answer)
+        if source.kind == "recon_qa":
+            tokens = sequence.recon_qa_sample(tok, bucket.views, bucket.height, bucket.width, 1, sh, sw, qa.question,
+                                              qa.answer)
         else:
-            tokens = make(tok, bucket.views, bucket.height, bucket.width, 1, sh, sw, qa.question, qa.answer)
-        return tokens, views, img.astype(np.float32) / 255.0
+            tokens = sequence.vqa_sample(tok, 1, sh, sw, qa.question, qa.answer)
+        return tokens, views, img
 
     def __call__(self, step: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
         d = self.data

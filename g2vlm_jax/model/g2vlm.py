@@ -40,6 +40,7 @@ from g2vlm_jax.config import ModelConfig
 from g2vlm_jax.model.attention import MaskInfo
 from g2vlm_jax.model.dino import GeometryEncoder
 from g2vlm_jax.model.heads import GeometryHeads
+from g2vlm_jax.model.kv_cache import KVCache
 from g2vlm_jax.model.mot import ACT_AXES, MoTStack, dense, dtype_of, freeze, official_layer_params
 from g2vlm_jax.model.rope import mrope_cos_sin
 from g2vlm_jax.model.vit import SemanticEncoder
@@ -56,12 +57,14 @@ class ModelOutput:
     geometry:          None (compute_geometry=False or no geometry slots) or a dict of float32
                        local_points / world_points / global_points [B, S, V, H, W, 3],
                        camera_poses [B, S, V, 4, 4] (camera-to-world)
+    cache:             the decoding cache holding this call's tokens, when one was passed in
     """
 
     logits: jax.Array | None
     hidden_states: jax.Array
     geo_hidden_states: jax.Array
     geometry: dict[str, jax.Array] | None
+    cache: KVCache | None = None
 
 
 class TokenEmbedding(nnx.Module):
@@ -155,18 +158,34 @@ class G2VLM(nnx.Module):
         return {name: a.reshape((b, s) + a.shape[1:]) for name, a in out.items()}
 
     def __call__(self, batch: PackedBatch, *, compute_logits: bool = True, compute_geometry: bool = True,
-                 global_points: bool = True) -> ModelOutput:
+                 global_points: bool = True, cache: KVCache | None = None) -> ModelOutput:
+        """The forward pass; with a decoding `cache` (prefill) the batch's k/v are also written into it."""
         check_batch(batch)
         t = self.cfg.text
         xu = constrain(self.embed_semantic(batch), ACT_AXES)
         xg = constrain(self.embed_geometry(batch), ACT_AXES)
         cos, sin = mrope_cos_sin(batch.positions, t.head_dim, t.rope_theta, t.mrope_sections)
-        hu, hg = self.language_model(xu, xg, cos, sin, MaskInfo.from_batch(batch))
+        hu, hg, *new_cache = self.language_model(xu, xg, cos, sin, MaskInfo.from_batch(batch), cache)
         logits = constrain(self.logits(hu), ("batch", "length", "vocab")) if compute_logits else None
         geometry = None
         if compute_geometry and batch.num_geo_tokens:
             geometry = self.geometry(hg, batch, global_points=global_points)
-        return ModelOutput(logits=logits, hidden_states=hu, geo_hidden_states=hg, geometry=geometry)
+        return ModelOutput(logits=logits, hidden_states=hu, geo_hidden_states=hg, geometry=geometry,
+                           cache=new_cache[0] if new_cache else None)
+
+    def decode(self, token_ids: jax.Array, positions: jax.Array, info: MaskInfo,
+               cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """New text tokens through the semantic expert, attending to the cache (one decoding step).
+
+        token_ids: int32[B, n]; positions: int32[B, 3, n] M-RoPE ids; info: their mask metadata
+        (fields [B, n]). Returns (float32 logits [B, n, vocab], the cache with the tokens appended).
+        """
+        t = self.cfg.text
+        xu = self.embed_tokens(token_ids)
+        xg = jnp.zeros((xu.shape[0], 0, xu.shape[2]), xu.dtype)
+        cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_sections)
+        hu, _, cache = self.language_model(xu, xg, cos, sin, info, cache)
+        return self.logits(hu), cache
 
 
 # --------------------------------------------------------------------------------------------------

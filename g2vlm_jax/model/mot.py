@@ -46,6 +46,7 @@ from flax import nnx
 
 from g2vlm_jax.config import ModelConfig
 from g2vlm_jax.model.attention import MaskInfo, attention
+from g2vlm_jax.model.kv_cache import KVCache, write_layer
 from g2vlm_jax.model.rope import apply_rotary
 from g2vlm_jax.sharding import LOGICAL_AXES_KEY, constrain, logical
 
@@ -170,21 +171,30 @@ class MoTLayer(nnx.Module):
         return q, k, jnp.concatenate([vu, vg], axis=1)
 
     def __call__(self, xu: jax.Array, xg: jax.Array, cos: jax.Array, sin: jax.Array, mask_info: MaskInfo, *,
-                 layer_idx=None) -> tuple[jax.Array, jax.Array]:
+                 layer_idx=None, kv=None):
         """xu: [B, Lu, D], xg: [B, Lg, D]; cos/sin: [B, Lu+Lg, Dh]; mask_info fields [B, Lu+Lg].
 
         `layer_idx` (int or traced int) is only read by the 'mixed' attention mode.
-        Returns the updated (xu, xg).
+        `kv` (decoding, model/kv_cache.py): (cache_k, cache_v [B, C, Hkv, Dh], key_info MaskInfo [B, C]
+        already holding these tokens' metadata, start int32[]): the tokens' k/v are written at slots
+        [start, start + Lu + Lg) and the queries attend to the whole cache.
+        Returns the updated (xu, xg), plus the updated (cache_k, cache_v) when `kv` is given.
         """
         xu, xg = constrain(xu, ACT_AXES), constrain(xg, ACT_AXES)
         lu = xu.shape[1]
         q, k, v = self.qkv(xu, xg, cos, sin)
-        o = attention(q, k, v, mask_info, geo_mode=self.geo_mode, layer_idx=layer_idx, kernel=self.kernel,
-                      block_size=self.block_size)
+        key_info = None
+        if kv is not None:
+            cache_k, cache_v, key_info, start = kv
+            k, v = write_layer(cache_k, cache_v, k, v, start)
+        o = attention(q, k, v, mask_info, key_info=key_info, geo_mode=self.geo_mode, layer_idx=layer_idx,
+                      kernel=self.kernel, block_size=self.block_size)
         xu = xu + freeze(self.self_attn.output(o[:, :lu], SEM), self.freeze_und)
         xg = xg + freeze(self.ls1(self.self_attn.output(o[:, lu:], GEO)), self.freeze_recon)
         xu = xu + freeze(self.mlp(self.post_attention_layernorm(xu)), self.freeze_und)
         xg = xg + freeze(self.ls2(self.mlp_moe_geo(self.post_attention_layernorm_moe_geo(xg))), self.freeze_recon)
+        if kv is not None:
+            return constrain(xu, ACT_AXES), constrain(xg, ACT_AXES), (k, v)
         return constrain(xu, ACT_AXES), constrain(xg, ACT_AXES)
 
 
@@ -231,9 +241,15 @@ class MoTStack(nnx.Module):
             nnx.update(dst, jax.tree.map(jnp.copy, nnx.state(src)))
 
     def __call__(self, xu: jax.Array, xg: jax.Array, cos: jax.Array, sin: jax.Array,
-                 mask_info: MaskInfo) -> tuple[jax.Array, jax.Array]:
-        """xu: [B, Lu, D], xg: [B, Lg, D] embeddings -> final-normed (hU [B, Lu, D], hG [B, Lg, D])."""
+                 mask_info: MaskInfo, cache: KVCache | None = None):
+        """xu: [B, Lu, D], xg: [B, Lg, D] embeddings -> final-normed (hU [B, Lu, D], hG [B, Lg, D]).
+
+        With a decoding `cache` the tokens are appended to it and attend to everything cached;
+        returns (hU, hG, updated cache) then (see `decode`).
+        """
         xu, xg = freeze(xu, self.freeze_und), freeze(xg, self.freeze_recon)
+        if cache is not None:
+            return self.decode(xu, xg, cos, sin, mask_info, cache)
         graphdef, state = nnx.split(self.layers)
 
         def run_layer(carry, layer_state, layer_idx):
@@ -250,6 +266,27 @@ class MoTStack(nnx.Module):
                 carry = self._remat(functools.partial(run_layer, layer_idx=i), in_scan=False)(carry, layer_state)
         xu, xg = carry
         return freeze(self.norm(xu), self.freeze_und), freeze(self.norm_moe_geo(xg), self.freeze_recon)
+
+    def decode(self, xu: jax.Array, xg: jax.Array, cos: jax.Array, sin: jax.Array, mask_info: MaskInfo,
+               cache: KVCache) -> tuple[jax.Array, jax.Array, KVCache]:
+        """The layers over new tokens with a KV cache (inference only: no remat, always a scan).
+
+        The new tokens' metadata and k/v go into slots [cache.length, cache.length + Lu + Lg).
+        """
+        graphdef, state = nnx.split(self.layers)
+        key_info = cache.info_with(mask_info)
+
+        def body(carry, xs):
+            layer_state, layer_idx, ck, cv = xs
+            layer = nnx.merge(graphdef, layer_state)
+            xu, xg, (ck, cv) = layer(*carry, cos, sin, mask_info, layer_idx=layer_idx,
+                                     kv=(ck, cv, key_info, cache.length))
+            return (xu, xg), (ck, cv)
+
+        layer_ids = jnp.arange(self.num_layers, dtype=jnp.int32)
+        (xu, xg), (ks, vs) = jax.lax.scan(body, (xu, xg), (state, layer_ids, cache.k, cache.v))
+        new_cache = KVCache(k=ks, v=vs, info=key_info, length=cache.length + xu.shape[1] + xg.shape[1])
+        return self.norm(xu), self.norm_moe_geo(xg), new_cache
 
     def _remat(self, fn, *, in_scan: bool):
         if self.remat_policy == "none":
