@@ -41,7 +41,9 @@ setup(
     install_requires=REQUIRED,
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100"],
-        "tpu-aot": ["jax[tpu]==0.10.2"],
+        # libtpu alone lets tools/aot_compile.py compile for any TPU slice on a CPU-only machine;
+        # pinned to the build tested with jax 0.10.2 (compiled memory figures change with it).
+        "tpu-aot": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
     },
     entry_points={"console_scripts": ["g2vlm=g2vlm_jax.cli:main"]},
 )

@@ -1,6 +1,8 @@
 """Shared pieces of the G2VLM-2B experiments (SPEC §3): hardware presets and the base config."""
 from g2vlm_jax import config as c
 
+from experiments import _tpu_meshes
+
 # Mesh presets per target (SPEC §3 / DESIGN §3). 2B parameters + fp32 Adam state = ~73 GB, so
 # parameters and optimizer state are sharded over 'fsdp' inside a slice and replicated over 'data'.
 HARDWARE = {
@@ -12,9 +14,13 @@ HARDWARE = {
 
 
 def mesh_for(arg: str) -> c.MeshConfig:
-    if arg not in HARDWARE:
-        raise c.ConfigError(f"unknown hardware arg {arg!r}; allowed values are {sorted(HARDWARE)}")
-    return HARDWARE[arg]
+    """A HARDWARE preset name, or a TPU slice topology such as 'v5p:4x4x8' (experiments/_tpu_meshes.py)."""
+    if arg in HARDWARE:
+        return HARDWARE[arg]
+    if ":" in arg:
+        return _tpu_meshes.mesh_for_topology(arg)
+    raise c.ConfigError(f"unknown hardware arg {arg!r}; allowed values are {sorted(HARDWARE)} or a TPU topology "
+                        "GEN:AxB[xC] (e.g. v5p:4x4x8)")
 
 
 def model_2b(**overrides) -> c.ModelConfig:

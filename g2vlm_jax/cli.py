@@ -3,6 +3,7 @@
     g2vlm train   --experiment experiments/NAME.py[:ARG] [--set key=value ...]
     g2vlm eval    --experiment ... --checkpoint RUN_DIR [--step N]
     g2vlm convert-data {npz,scannet,spar} SRC OUT_DIR [...]   (see `g2vlm convert-data -h`)
+    g2vlm aot     --experiment experiments/NAME.py --topology v5p:4x4x8 [...]  (tools/aot_compile.py)
 """
 from __future__ import annotations
 
@@ -57,6 +58,12 @@ def cmd_convert_data(args) -> int:
     return 0
 
 
+def cmd_aot(args) -> int:
+    from tools import aot_compile
+
+    return aot_compile.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g2vlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_convert_data)
+    from tools import aot_compile  # argument definitions only; jax is imported when it runs
+
+    p = sub.add_parser("aot", help="compile an experiment's steps for a TPU slice without a TPU (memory, FLOPs)")
+    aot_compile.add_arguments(p)
+    p.set_defaults(func=cmd_aot)
     return parser
 
 

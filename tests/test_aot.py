@@ -1,0 +1,154 @@
+"""Ahead-of-time compilation for TPU slices (tools/aot_compile.py) and the 2B mesh table.
+
+The compile tests need libtpu (`pip install -e ".[test,tpu-aot]"`, no TPU) and are skipped without
+it; the shape and table tests run everywhere. The committed 2B reports (experiments/aot/*.json) are
+checked for headroom here, and one of them is recomputed by `test_golden_report_recomputes`
+(minutes: marked `slow`... see its docstring).
+"""
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import _g2vlm_2b_common as common
+from experiments import _tpu_meshes
+from g2vlm_jax import config as config_lib
+from g2vlm_jax import flops
+from tools import aot_compile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = "experiments/tiny_synthetic.py:test"
+EXPERIMENTS_2B = ("g2vlm_2b_stage1a", "g2vlm_2b_stage1b", "g2vlm_2b_stage2", "g2vlm_2b_stage2_sr")
+HEADROOM = 0.85  # a committed report's per-chip peak must stay under this share of HBM
+TOLERANCE = 0.05  # relative change of a figure that fails the golden comparison
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed: pip install -e '.[tpu-aot]' to compile for TPU slices")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compile_only():
+    # Several processes may describe slices at once (pytest-xdist, other tools); nothing here opens a TPU.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    previous = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # AOT executables cannot be read back
+    yield
+    jax.config.update("jax_enable_compilation_cache", previous)
+
+
+def _goldens() -> list[pathlib.Path]:
+    return sorted((ROOT / "experiments" / "aot").glob("*.json"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables and shapes (no libtpu needed)
+# --------------------------------------------------------------------------------------------------
+def test_topology_names_and_mesh_table():
+    assert _tpu_meshes.parse_topology("v5p:4x4x8") == ("v5p", (4, 4, 8))
+    assert _tpu_meshes.num_chips("v5e:16x16") == 256
+    for bad in ("v5p:4x4", "v5e:2x2x1", "v7:2x2", "v5p-128"):
+        with pytest.raises(config_lib.ConfigError, match="topology"):
+            _tpu_meshes.parse_topology(bad)
+    with pytest.raises(config_lib.ConfigError, match="no G2VLM-2B mesh"):
+        _tpu_meshes.mesh_for_topology("v5e:2x2")
+    mesh = common.mesh_for("v5p:4x4x8")
+    assert mesh == _tpu_meshes.MESHES["v5p"][128]
+    with pytest.raises(config_lib.ConfigError, match="unknown hardware arg"):
+        common.mesh_for("v5p-128")
+
+
+def test_data_buckets_are_what_the_pipeline_draws():
+    from data_pipelines import pipeline
+
+    data = config_lib.DataConfig(image_size=(518, 518), aspect_range=(0.5, 1.0), aspect_buckets=4,
+                                 view_buckets=(2, 4, 8, 16, 24), min_views=3, max_views=12)
+    buckets = aot_compile.data_buckets(data)
+    rng = np.random.default_rng(0)
+    drawn = {pipeline.draw_bucket(data, rng) for _ in range(2000)}
+    assert drawn == set(buckets)  # every reachable bucket, and only those (2 and 16/24 views are not)
+    assert {b.views for b in buckets} == {4, 8, 16}
+
+
+def test_abstract_batch_matches_the_pipeline(tmp_path):
+    from data_pipelines import pipeline
+
+    cfg = config_lib.load_experiment(TINY, [f"workdir={tmp_path}"])
+    real = pipeline.make_eval_batches(cfg.data, cfg.run_dir, 1)[0]
+    abstract = aot_compile.abstract_batch(aot_compile.eval_shape_of(cfg), cfg.data.packs_per_step, None)
+    for name in real.as_numpy_dict():
+        got, want = getattr(abstract, name), np.asarray(getattr(real, name))
+        assert (got.shape, np.dtype(got.dtype)) == (want.shape, want.dtype), name
+
+
+def test_model_flops_of_a_full_pack_match_step_flops(tmp_path):
+    cfg = config_lib.load_experiment(TINY, [f"workdir={tmp_path}"])
+    from data_pipelines import pipeline
+
+    real = pipeline.make_eval_batches(cfg.data, cfg.run_dir, 1)[0]
+    # Synthetic recon samples all have the same length, so real packs hold as many as fit, like ours.
+    assert np.asarray(real.sample_valid).sum(axis=1).min() == 2
+    per_pack = aot_compile.model_flops_per_pack(cfg, aot_compile.eval_shape_of(cfg))
+    want = flops.step_flops(cfg.model, real).train_total / cfg.data.packs_per_step
+    assert per_pack == pytest.approx(want, rel=1e-6)
+
+
+def test_committed_reports_have_headroom():
+    """Every 2B experiment has a report for its target slice, compiled, with peak <= 85 % of HBM."""
+    reports = {p.name: json.loads(p.read_text()) for p in _goldens()}
+    for name in EXPERIMENTS_2B:
+        assert any(r["experiment"] == name for r in reports.values()), f"no experiments/aot report for {name}"
+    for fname, r in reports.items():
+        assert r["command"].startswith("python tools/aot_compile.py"), fname
+        assert fname == f"{r['experiment']}.{r['topology'].replace(':', '-')}.json"
+        assert r["summary"]["fits"], fname
+        for prog in r["train"] + [r["eval"]]:
+            assert prog["peak_bytes"] <= HEADROOM * r["hbm_bytes_per_chip"], (fname, prog["bucket"])
+        assert len(r["parameters"]) > 100  # the whole 2B model's table
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiles (libtpu)
+# --------------------------------------------------------------------------------------------------
+def _state_bytes_per_chip(target) -> int:
+    leaves = jax.tree.leaves(target.abstract)
+    return sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+               for x, s in zip(leaves, jax.tree.leaves(target.shardings)))
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
+def test_tiny_train_step_compiles_for_slice(topology):
+    cfg = aot_compile.load_config(TINY, topology, ["data.packs_per_step=4"])
+    assert cfg.model.attention_kernel == "blockwise"  # 'auto' resolved for TPU, not for this host
+    target = aot_compile.prepare(cfg, topology)
+    assert len(target.devices) == 4 and dict(target.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+    (shape,) = aot_compile.train_shapes(cfg)
+    compiled = aot_compile.compile_train(target, shape)
+    figures = aot_compile.memory_figures(compiled)
+    m = compiled.memory_analysis()
+    assert (figures["argument_bytes"], figures["output_bytes"], figures["alias_bytes"], figures["temp_bytes"]) == \
+        (m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes)
+    assert figures["peak_bytes"] == m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes \
+        + m.temp_size_in_bytes
+    # The donated state is the aliased part; XLA's TPU layouts pad small arrays, never shrink them.
+    state = _state_bytes_per_chip(target)
+    assert state <= m.alias_size_in_bytes <= m.argument_size_in_bytes
+    totals, rows = aot_compile.state_tables(target.abstract, target.shardings)
+    assert sum(totals.values()) == state
+    kernel = next(r for r in rows if r["name"] == "dino2llm.kernel")
+    assert kernel["spec"] == ["fsdp", None] and kernel["bytes_per_chip"] == math.prod(kernel["shape"]) * 4 // 4
+
+
+@needs_libtpu
+def test_out_of_memory_is_reported_not_raised():
+    cfg = aot_compile.load_config(TINY, "v5e:2x2", ["data.packs_per_step=4", "data.tokens_per_pack=65536",
+                                                  "model.attention_kernel=xla"])
+    report = aot_compile.compile_experiment(cfg, "v5e:2x2", buckets="largest", with_eval=False, log=lambda m: None)
+    report = aot_compile.summarise(report, step_time=1.0)
+    assert not report["summary"]["fits"] and "RESOURCE_EXHAUSTED" in report["train"][0]["error"]
