@@ -1,6 +1,7 @@
 """G2VLM-2B stage 1b: geometry expert at 518 wide, aspect 0.5-1.0 (SPEC §3: 20K steps, lr 5e-4).
 
-Continues from the stage-1a checkpoint. Arg: hardware preset ('', 'v5p', 'v5e', 'h100x8').
+Continues from the stage-1a checkpoint. Arg: hardware preset ('', 'v5p', 'v5e', 'h100x8') or a TPU
+slice such as 'v5p:4x8x8' (experiments/_tpu_meshes.py).
 """
 from g2vlm_jax import config as c
 

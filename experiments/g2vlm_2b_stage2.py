@@ -1,6 +1,7 @@
 """G2VLM-2B stage 2 ("CE only"): the semantic expert learns spatial QA (SPEC §3: 16K, lr 2e-5, warmup 400).
 
-Geometry expert, ViT and DINO frozen; CE on spatial + general VQA. Arg: hardware preset.
+Geometry expert, ViT and DINO frozen; CE on spatial + general VQA. Arg: hardware preset or a TPU
+slice such as 'v5p:4x8x8' (experiments/_tpu_meshes.py).
 """
 from g2vlm_jax import config as c
 

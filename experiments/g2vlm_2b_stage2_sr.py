@@ -1,6 +1,7 @@
 """G2VLM-2B stage 2 "SR" (CE+CE): both experts train on spatial QA (SPEC §3).
 
-Same data and schedule as stage 2; the geometry expert is unfrozen. Arg: hardware preset.
+Same data and schedule as stage 2; the geometry expert is unfrozen. Arg: hardware preset or a TPU
+slice such as 'v5p:4x8x8' (experiments/_tpu_meshes.py).
 """
 import dataclasses
 

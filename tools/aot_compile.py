@@ -2,6 +2,7 @@
 
     python tools/aot_compile.py --experiment experiments/g2vlm_2b_stage1a.py --topology v5p:4x4x8 \\
         [--set key=value ...] [--step-time SECONDS] [--buckets all|largest] [--out REPORT.json]
+    python tools/aot_compile.py --check experiments/aot/g2vlm_2b_stage1a.v5p-4x4x8.json
     g2vlm aot ...        (the same arguments)
 
 Needs libtpu (`pip install -e ".[tpu-aot]"`), not a TPU: libtpu describes the slice's devices
@@ -38,7 +39,9 @@ import json
 import math
 import os
 import pathlib
+import shlex
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -51,8 +54,10 @@ GOLDEN_FIGURES = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", required=True, help="experiments/NAME.py[:ARG] (ARG defaults to the topology)")
-    p.add_argument("--topology", required=True, help="TPU slice GEN:AxB[xC], e.g. v5e:2x2, v5p:4x4x8")
+    p.add_argument("--experiment", help="experiments/NAME.py[:ARG] (ARG defaults to the topology)")
+    p.add_argument("--topology", help="TPU slice GEN:AxB[xC], e.g. v5e:2x2, v5p:4x4x8")
+    p.add_argument("--check", default="", metavar="REPORT.json",
+                   help="re-run a committed report's command and fail when a figure moved by more than 5%%")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable), as for `g2vlm train`")
     p.add_argument("--step-time", type=float, default=1.0, help="step time in seconds for the MFU bound")
@@ -257,7 +262,7 @@ def state_tables(abstract, shardings) -> tuple[dict, list]:
     return totals, rows
 
 
-def _bucket_key(shape) -> dict:
+def bucket_key(shape) -> dict:
     return {"views": shape.views, "height": shape.height, "width": shape.width, "length": shape.length,
             "sample_slots": shape.sample_slots, "sem_slots": shape.sem_slots}
 
@@ -334,7 +339,7 @@ def compile_eval(target: Target):
     return _lower(target, fn, target.state_args, target.batch_args(eval_shape_of(target.cfg))).compile()
 
 
-def _timed(log, what: str, compile_fn) -> dict:
+def timed_figures(log, what: str, compile_fn) -> dict:
     """Figures of `compile_fn()`, or the compiler's error when the program does not fit HBM."""
     import jax
 
@@ -359,12 +364,12 @@ def compile_experiment(cfg, topology: str, *, buckets: str = "all", with_eval: b
     for shape in train_shapes(cfg, buckets):
         what = (f"train step: {shape.views} views {shape.height}x{shape.width}, {shape.sample_slots} sample slots, "
                 f"rows of {shape.length}")
-        figures = _timed(log, what, lambda: compile_train(target, shape))
-        report["train"].append({"bucket": _bucket_key(shape), **figures,
+        figures = timed_figures(log, what, lambda: compile_train(target, shape))
+        report["train"].append({"bucket": bucket_key(shape), **figures,
                                 "model_flops_per_step": model_flops_per_pack(cfg, shape) * cfg.data.packs_per_step})
     if with_eval:
-        report["eval"] = {"bucket": _bucket_key(eval_shape_of(cfg)),
-                          **_timed(log, "eval forward", lambda: compile_eval(target))}
+        report["eval"] = {"bucket": bucket_key(eval_shape_of(cfg)),
+                          **timed_figures(log, "eval forward", lambda: compile_eval(target))}
     totals, rows = state_tables(target.abstract, target.shardings)
     gen, _ = _tpu_meshes.parse_topology(topology)
     kind = target.devices[0].device_kind
@@ -441,8 +446,47 @@ def default_out(report: dict) -> pathlib.Path:
     return REPORT_DIR / f"{report['experiment']}.{report['topology'].replace(':', '-')}.json"
 
 
+def compare_reports(golden: dict, fresh: dict, tolerance: float = 0.05) -> list[str]:
+    """Differences between two reports of the same command: buckets, per-chip bytes, FLOPs, shardings.
+
+    Byte and FLOP figures may move by `tolerance` (relative); the mesh, buckets, per-chip
+    parameter / optimizer bytes and every parameter's sharding must be equal.
+    """
+    problems = []
+    for key in ("topology", "mesh", "num_chips", "params_bytes_per_chip", "opt_state_bytes_per_chip", "parameters"):
+        if golden.get(key) != fresh.get(key):
+            problems.append(f"{key} changed")
+    pairs = list(zip(golden["train"], fresh["train"])) + ([(golden["eval"], fresh["eval"])] if "eval" in golden else [])
+    if len(golden["train"]) != len(fresh["train"]) or ("eval" in golden) != ("eval" in fresh):
+        problems.append("the compiled programs changed")
+    for old, new in pairs:
+        if old["bucket"] != new["bucket"]:
+            problems.append(f"bucket {old['bucket']} is now {new['bucket']}")
+        for key in GOLDEN_FIGURES:
+            if key in old and not math.isclose(old[key], new.get(key, math.inf), rel_tol=tolerance):
+                problems.append(f"bucket V={old['bucket']['views']} {key}: {old[key]:.4g} -> {new.get(key)}")
+    return problems
+
+
+def parse_command(command: str) -> argparse.Namespace:
+    """The arguments of a report's `command` (`python tools/aot_compile.py ...`)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(shlex.split(command)[2:])
+
+
 def run(args) -> int:
     """Compiles, prints and writes the report of parsed `args` (see `add_arguments`)."""
+    if args.check:
+        golden = json.loads(pathlib.Path(args.check).read_text())
+        fresh_args = parse_command(golden["command"])
+        fresh_args.out = str(pathlib.Path(tempfile.mkdtemp()) / "report.json")
+        run(fresh_args)
+        problems = compare_reports(golden, json.loads(pathlib.Path(fresh_args.out).read_text()))
+        print("\n".join([f"{args.check}: {p}" for p in problems] or [f"{args.check}: unchanged (within 5%)"]))
+        return 1 if problems else 0
+    if not (args.experiment and args.topology):
+        raise SystemExit("aot_compile: --experiment and --topology are required (or --check REPORT.json)")
     import jax
 
     if not os.environ.get("JAX_PLATFORMS"):
@@ -454,13 +498,18 @@ def run(args) -> int:
     # persistent cache (no TPU client), so writing them there would only cost time.
     jax.config.update("jax_enable_compilation_cache", False)
     cfg = load_config(args.experiment, args.topology, args.overrides)
+    try:
+        slice_devices(args.topology)
+    except RuntimeError as e:
+        print(f"aot_compile: {e}", file=sys.stderr)
+        return 2
     report = compile_experiment(cfg, args.topology, buckets=args.buckets, with_eval=not args.no_eval,
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
     report = {"command": command_line(args), **summarise(report, args.step_time)}
-    print(format_report(report))
     out = pathlib.Path(args.out) if args.out else default_out(report)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.write_text(json.dumps(report, indent=1) + "\n")  # first: the compiles are the expensive part
+    print(format_report(report))
     print(f"\nreport: {out}")
     return 0 if report["summary"]["fits"] else 1
 
