@@ -122,7 +122,7 @@ def flat_params(params: Any) -> dict[str, Any]:
     """nnx.State of parameters -> {'a/b/0/kernel': array} (the stable on-disk naming)."""
     from flax import nnx
 
-    return {"/".join(str(k) for k in path): (v.value if hasattr(v, "value") else v)
+    return {"/".join(str(k) for k in path): (v.get_value() if hasattr(v, "get_value") else v)
             for path, v in nnx.to_flat_state(params)}
 
 

@@ -3,6 +3,8 @@
     g2vlm train   --experiment experiments/NAME.py[:ARG] [--set key=value ...]
     g2vlm eval    --experiment ... --checkpoint RUN_DIR [--step N]
     g2vlm convert-data {npz,scannet,spar} SRC OUT_DIR [...]   (see `g2vlm convert-data -h`)
+    g2vlm reconstruct --checkpoint DIR --images FOLDER --out OUT [--width W]
+    g2vlm chat    --checkpoint DIR [--images FILE ...] [--frames FOLDER] --question "..."
 """
 from __future__ import annotations
 
@@ -57,6 +59,37 @@ def cmd_convert_data(args) -> int:
     return 0
 
 
+def cmd_reconstruct(args) -> int:
+    from g2vlm_jax.inference import load, reconstruct
+    from g2vlm_jax.tokenizer import load_tokenizer
+
+    cfg, model = load.load_model(args.checkpoint, args.overrides)
+    width = args.width or cfg.data.image_size[1]
+    cameras = reconstruct.reconstruct(model, load_tokenizer(cfg.data.tokenizer), args.images, args.out, width=width)
+    print(f"wrote {cameras['num_points']} points of {len(cameras['views'])} views to {args.out} "
+          f"(dropped {cameras['dropped_points']} non-finite)")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from g2vlm_jax.inference import chat, load
+    from g2vlm_jax.tokenizer import load_tokenizer
+
+    cfg, model = load.load_model(args.checkpoint, args.overrides)
+    answer = chat.answer(model, load_tokenizer(cfg.data.tokenizer), cfg, question=args.question,
+                         images=args.images, frames=args.frames, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(answer)
+    return 0
+
+
+def _inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="training run directory, or a params-only checkpoint from `g2vlm export` / `g2vlm convert`")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an inference-only config field, e.g. --set model.attention_kernel=blockwise")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g2vlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_convert_data)
+    p = sub.add_parser("reconstruct", help="images -> point cloud (.ply/.glb), depth maps, cameras (JSON)")
+    _inference_args(p)
+    p.add_argument("--images", required=True, help="folder of images (natural file-name order)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--width", type=int, default=0, help="resize width in pixels (default: the experiment's)")
+    p.set_defaults(func=cmd_reconstruct)
+    p = sub.add_parser("chat", help="answer a question about images (KV-cache decoding)")
+    _inference_args(p)
+    p.add_argument("--question", required=True)
+    p.add_argument("--images", nargs="*", default=[], help="semantic images (shown to the ViT)")
+    p.add_argument("--frames", default="", help="folder of geometry frames in context (default: the --images)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 
