@@ -5,6 +5,8 @@
     g2vlm convert-data {npz,scannet,spar} SRC OUT_DIR [...]   (see `g2vlm convert-data -h`)
     g2vlm reconstruct --checkpoint DIR --images FOLDER --out OUT [--width W]
     g2vlm chat    --checkpoint DIR [--images FILE ...] [--frames FOLDER] --question "..."
+    g2vlm export  --checkpoint DIR --out OUT [--dtype bfloat16] [--official]
+    g2vlm convert --official CKPT_DIR --out OUT      (official release -> our params-only checkpoint)
 """
 from __future__ import annotations
 
@@ -83,6 +85,22 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from g2vlm_jax import export
+
+    out = export.export(args.checkpoint, args.out, dtype=args.dtype, official=args.official)
+    print(f"wrote params-only checkpoint {out}" + (f" and the official layout in {out / 'official'}" if args.official else ""))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from g2vlm_jax import export
+
+    out = export.import_official(args.official, args.out)
+    print(f"converted {args.official} -> {out} (use it as --checkpoint, or as checkpoint.init_from)")
+    return 0
+
+
 def _inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="training run directory, or a params-only checkpoint from `g2vlm export` / `g2vlm convert`")
@@ -121,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("export", help="params-only checkpoint for serving (and the official layout)")
+    p.add_argument("--checkpoint", required=True, help="training run directory or params-only checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--official", action="store_true", help="also write OUT/official (model.safetensors + configs)")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("convert", help="official G2VLM release directory -> our params-only checkpoint")
+    p.add_argument("--official", required=True, metavar="CKPT_DIR",
+                   help="directory with model.safetensors, text/vit/dino_config.json (and tokenizer files)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -30,6 +30,14 @@ def _config_from_metadata(metadata: dict, where: str, overrides) -> config_lib.E
     return config_lib.apply_overrides(cfg, list(overrides)) if overrides else cfg
 
 
+def _relative_tokenizer(cfg: config_lib.ExperimentConfig, base: pathlib.Path) -> config_lib.ExperimentConfig:
+    """A tokenizer file given relative to a params-only checkpoint (`g2vlm convert`) is read from there."""
+    kind, _, where = cfg.data.tokenizer.partition(":")
+    if where in ("", "builtin") or pathlib.Path(where).is_absolute() or not (base / where).exists():
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=f"{kind}:{base / where}"))
+
+
 def load_model(checkpoint: str | pathlib.Path, overrides=()) -> tuple[config_lib.ExperimentConfig, nnx.Module]:
     """(experiment config, model with the checkpoint's parameters) from a run dir or a params-only dir."""
     path = pathlib.Path(checkpoint).absolute()
@@ -66,7 +74,7 @@ def _load_params_only(path: pathlib.Path, overrides) -> tuple[config_lib.Experim
     from g2vlm_jax.model.g2vlm import G2VLM
 
     metadata = json.loads((path / "metadata.json").read_text())
-    cfg = _config_from_metadata(metadata, str(path), overrides)
+    cfg = _relative_tokenizer(_config_from_metadata(metadata, str(path), overrides), path)
     ckpt_lib.check_compatible(metadata, cfg, str(path))
     model = nnx.eval_shape(lambda: G2VLM(cfg.model, rngs=nnx.Rngs(0)))
     graphdef, abstract = nnx.split(model)

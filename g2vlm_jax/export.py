@@ -1,0 +1,76 @@
+"""Params-only checkpoints for serving and for later stages: export, official import and export.
+
+    g2vlm export  --checkpoint RUN_OR_PARAMS_DIR --out DIR [--dtype bfloat16] [--official]
+        DIR/params + DIR/metadata.json      params-only Orbax checkpoint (no optimiser state), cast
+                                            to --dtype; metadata holds the experiment config with
+                                            model.param_dtype = --dtype, so `g2vlm chat/reconstruct/eval`
+                                            rebuild exactly this model
+        DIR/official/  (--official)         the official release layout (g2vlm_jax/convert.py)
+    g2vlm convert --official CKPT_DIR --out DIR
+        an official release directory -> DIR/params + DIR/metadata.json (bf16 as released), usable by
+        `g2vlm chat/reconstruct --checkpoint DIR` and as `checkpoint.init_from` of a training run;
+        the Qwen2 tokenizer files are copied into DIR and referenced relative to it
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from g2vlm_jax import checkpoint as ckpt_lib
+from g2vlm_jax import config as config_lib
+from g2vlm_jax import convert
+
+DTYPES = ("bfloat16", "float32")
+
+
+def save_model(model: nnx.Module, cfg: config_lib.ExperimentConfig, out_dir: str | pathlib.Path, *,
+               dtype: str, source: str) -> pathlib.Path:
+    """Writes `model`'s parameters cast to `dtype` as a params-only checkpoint of `cfg`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {list(DTYPES)}")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype=dtype))
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.dtype(dtype)), ckpt_lib.flat_params(nnx.state(model, nnx.Param)))
+    metadata = {**ckpt_lib.run_metadata(cfg), "source": source, "dtype": dtype}
+    return ckpt_lib.save_params(out_dir, params, metadata)
+
+
+def export(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype: str = "bfloat16",
+           official: bool = False) -> pathlib.Path:
+    """A run directory (newest readable step) or params-only checkpoint -> a params-only export."""
+    from g2vlm_jax.inference import load
+
+    cfg, model = load.load_model(checkpoint)
+    out = save_model(model, cfg, out_dir, dtype=dtype, source=f"export:{pathlib.Path(checkpoint).absolute()}")
+    if official:
+        tokenizer_dir = _tokenizer_dir(cfg, pathlib.Path(checkpoint))
+        convert.write_official_dir(model, out / "official", dtype=dtype, tokenizer_dir=tokenizer_dir)
+    return out
+
+
+def _tokenizer_dir(cfg: config_lib.ExperimentConfig, base: pathlib.Path) -> pathlib.Path | None:
+    kind, _, where = cfg.data.tokenizer.partition(":")
+    if kind != "qwen2":
+        return None
+    path = (base / where) if not pathlib.Path(where).is_absolute() else pathlib.Path(where)
+    return path if path.is_dir() else path.parent
+
+
+def import_official(ckpt_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
+    """An official release directory -> our params-only checkpoint (see the module docstring)."""
+    ckpt_dir, out = pathlib.Path(ckpt_dir).absolute(), pathlib.Path(out_dir).absolute()
+    model_cfg, model = convert.load_official_dir(ckpt_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = config_lib.DataConfig().tokenizer
+    if (ckpt_dir / "tokenizer.json").is_file():
+        for name in convert.TOKENIZER_FILES:
+            if (ckpt_dir / name).is_file():
+                shutil.copy(ckpt_dir / name, out / name)
+        tokenizer = "qwen2:tokenizer.json"  # relative to the checkpoint directory (inference/load.py)
+    cfg = config_lib.ExperimentConfig(name=f"official_{ckpt_dir.name}", model=model_cfg,
+                                      data=config_lib.DataConfig(tokenizer=tokenizer))
+    return save_model(model, cfg, out, dtype="bfloat16", source=f"official:{ckpt_dir}")
