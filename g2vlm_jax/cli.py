@@ -15,12 +15,47 @@ import sys
 
 from g2vlm_jax import config as config_lib
 
+PEER_FAILURE_EXIT_CODE = 3  # a multi-process run lost a peer (see _exit_after_peer_failure)
+
 
 def _experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", required=True, help="experiments/NAME.py[:ARG]")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.total_steps=100 (repeatable)")
     p.add_argument("--workdir", default="", help="run directory (default: runs/<experiment name>)")
+    g = p.add_argument_group("multi-process (one process per host; see README 'Running on a TPU pod')")
+    g.add_argument("--distributed", choices=("off", "auto", "explicit"), default="off",
+                   help="auto: jax.distributed.initialize() detects the cluster (TPU pods, SLURM); explicit: "
+                        "--coordinator/--num-processes/--process-id (default: off, or explicit when they are given)")
+    g.add_argument("--coordinator", default="", metavar="HOST:PORT", help="address of process 0's coordinator")
+    g.add_argument("--num-processes", type=int, default=0)
+    g.add_argument("--process-id", type=int, default=-1)
+    g.add_argument("--heartbeat-timeout", type=int, default=100,
+                   help="seconds without a peer's heartbeat before every process stops with an error")
+
+
+def initialize_distributed(args) -> None:
+    """Starts jax.distributed for multi-process runs (before any JAX computation).
+
+    A peer that dies is noticed through the coordinator's heartbeats: the survivors stop with an
+    error within about `--heartbeat-timeout` seconds instead of hanging in a collective.
+    """
+    import jax
+
+    mode = args.distributed
+    if mode == "off" and args.coordinator:
+        mode = "explicit"
+    if mode == "off":
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts: cross-process collectives
+    if mode == "auto":
+        jax.distributed.initialize(heartbeat_timeout_seconds=args.heartbeat_timeout)
+        return
+    if not args.coordinator or args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        raise config_lib.ConfigError("--distributed explicit needs --coordinator HOST:PORT, --num-processes N >= 1 and "
+                                     "--process-id in [0, N)")
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               heartbeat_timeout_seconds=args.heartbeat_timeout)
 
 
 def _load(args) -> config_lib.ExperimentConfig:
@@ -29,14 +64,40 @@ def _load(args) -> config_lib.ExperimentConfig:
 
 
 def cmd_train(args) -> int:
+    import jax
+
     from g2vlm_jax.training import loop
 
     cfg = _load(args)
-    result = loop.train(cfg)
+    try:
+        result = loop.train(cfg)
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        _exit_after_peer_failure(e)
     print(f"finished at step {result.final_step}; run directory {result.workdir}")
     if result.eval_report is not None:
         print(f"evaluation report: {result.workdir / 'eval' / 'report.json'}")
     return 0
+
+
+def _exit_after_peer_failure(error: Exception) -> None:
+    """A collective failed in a multi-process run: a peer died or the network broke.
+
+    Prints one line naming the process and the fix, and exits with PEER_FAILURE_EXIT_CODE right away:
+    the normal interpreter exit would wait on the distributed shutdown barrier of the dead peer and
+    then abort. Checkpoints are never left partial (a step directory appears only once complete).
+    """
+    import os
+
+    import jax
+
+    first = str(error).strip().splitlines()[0][:300]
+    print(f"g2vlm: process {jax.process_index()} of {jax.process_count()} stopped: a peer process died or the "
+          f"network failed ({type(error).__name__}: {first}). Restart every process with the same command; "
+          "training resumes from the newest complete checkpoint.", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(PEER_FAILURE_EXIT_CODE)
 
 
 def cmd_eval(args) -> int:
@@ -172,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     _enable_compilation_cache()
     try:
+        if hasattr(args, "distributed"):
+            initialize_distributed(args)
         return args.func(args)
     except config_lib.ConfigError as e:
         print(f"g2vlm: {e}", file=sys.stderr)

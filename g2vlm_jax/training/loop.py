@@ -110,7 +110,7 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
     tracing = False
     last_metrics: dict = {}
     preempted = False
-    step = start_step
+    step = last_saved = start_step
     try:
         while step < end_step:
             tracing = _toggle_profiler(cfg, step, tracing, workdir)
@@ -127,10 +127,12 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
             pending = (step, metrics, step_flops)
             if step % cfg.checkpoint.every_steps == 0 or step == end_step:
                 ckpt_lib.save(manager, step, state, train_iter.get_state(), cfg)
+                last_saved = step
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end_step:
                 _evaluate(spec, cfg, state, workdir, logger, step, final=False)
             if watcher.should_stop():
-                ckpt_lib.save(manager, step, state, train_iter.get_state(), cfg, force=True)
+                if last_saved != step:  # this step may have just been saved by the schedule above
+                    ckpt_lib.save(manager, step, state, train_iter.get_state(), cfg, force=True)
                 preempted = True
                 break
         if pending is not None:
