@@ -45,6 +45,7 @@ from g2vlm_jax.config import DataConfig, DataSource
 from g2vlm_jax.tokenizer import load_tokenizer
 
 SYNTHETIC_BUILDERS = {"synthetic": "synthetic_scenes", "synthetic_qa": "synthetic_spatial_qa"}
+PREFETCH_STEPS = 2  # batches built ahead (in threads) per process, and per Grain worker process
 CHAT_OVERHEAD_TOKENS = 48  # chat-template text around a QA sample (system prefix, assistant turn, ...)
 
 
@@ -303,7 +304,10 @@ class BatchIterator:
 
     def _start(self, step: int) -> None:
         self.step = step
-        ds = grain.MapDataset.range(step, 2**31 - 1).map(self.maker).to_iter_dataset()
+        # Grain's default read options (16 threads, 500 elements ahead) would build and hold hundreds of
+        # whole batches; a few steps ahead are enough to hide the batch building behind a train step.
+        options = grain.ReadOptions(num_threads=PREFETCH_STEPS, prefetch_buffer_size=PREFETCH_STEPS)
+        ds = grain.MapDataset.range(step, 2**31 - 1).map(self.maker).to_iter_dataset(options)
         if self.num_workers:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
         self._it = iter(ds)
