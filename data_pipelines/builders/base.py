@@ -46,9 +46,13 @@ class SceneRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                              f"{self.builder_config!r}; data_pipelines.convert builds one for you")
         return self.builder_config
 
+    def _features(self) -> tfds.features.FeaturesDict:
+        """The record features (scene records; the VQA builder writes `records.vqa_features()`)."""
+        return records.scene_features()
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=(self.__doc__ or "").strip(),
-                                     features=records.scene_features(), disable_shuffling=True)
+                                     features=self._features(), disable_shuffling=True)
 
 
 def find_scene_dirs(root: pathlib.Path, is_scene: Callable[[pathlib.Path], bool], split: str,
@@ -95,14 +99,41 @@ class SceneSource:
         return records.record_to_scene(self.records[index], strict=self.strict)
 
 
-def open_scenes(name: str, *, split: str, data_dir: str | pathlib.Path, strict: bool = True,
-                builder_kwargs: dict | None = None) -> SceneSource:
-    """Opens '<builder>/<config>' (ArrayRecord, no TensorFlow). Registered builders that can build
-    offline (the synthetic ones) are built on first use; converted datasets must exist already."""
+def _data_source(name: str, split: str, data_dir, builder_kwargs: dict | None, vqa: bool):
+    """tfds.data_source of '<builder>/<config>', checked to hold scene records (vqa=False) or VQA records."""
     try:
         source = tfds.data_source(name, split=split, data_dir=str(data_dir), builder_kwargs=builder_kwargs)
     except ValueError as e:
         raise ValueError(f"cannot open {name!r} split {split!r} under {data_dir}: {e}\nConverted datasets "
-                         "(npz_scenes, scannet_scenes, spar_qa) must be written first with data_pipelines.convert "
-                         "(g2vlm convert-data).") from e
-    return SceneSource(source, strict=strict)
+                         "(npz_scenes, scannet_scenes, spar_qa, vqa_samples) must be written first with "
+                         "data_pipelines.convert (g2vlm convert-data).") from e
+    holds_vqa = "roles" in source.dataset_info.features.keys()
+    if holds_vqa != vqa:
+        what, kind = ("VQA", "'vqa'") if holds_vqa else ("scene", "'recon' or 'recon_qa'")
+        raise ValueError(f"{name!r} holds {what} records; read it as a DataSource of kind {kind}")
+    return source
+
+
+def open_scenes(name: str, *, split: str, data_dir: str | pathlib.Path, strict: bool = True,
+                builder_kwargs: dict | None = None) -> SceneSource:
+    """Opens '<builder>/<config>' (ArrayRecord, no TensorFlow). Registered builders that can build
+    offline (the synthetic ones) are built on first use; converted datasets must exist already."""
+    return SceneSource(_data_source(name, split, data_dir, builder_kwargs, vqa=False), strict=strict)
+
+
+class VqaSource:
+    """Random-access decoded general-VQA samples of one split: `len(src)`, `src[i] -> records.VQASample`."""
+
+    def __init__(self, records_source):
+        self.records = records_source
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        return records.record_to_vqa(self.records[index])
+
+
+def open_vqa(name: str, *, split: str, data_dir: str | pathlib.Path) -> VqaSource:
+    """Opens a converted VQA dataset ('vqa_samples/<name>', see `data_pipelines.convert.convert_vqa`)."""
+    return VqaSource(_data_source(name, split, data_dir, None, vqa=True))
