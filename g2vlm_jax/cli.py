@@ -2,7 +2,7 @@
 
     g2vlm train   --experiment experiments/NAME.py[:ARG] [--set key=value ...]
     g2vlm eval    --experiment ... --checkpoint RUN_DIR [--step N]
-    g2vlm convert-data {npz,scannet,spar} SRC OUT_DIR [...]   (see `g2vlm convert-data -h`)
+    g2vlm convert-data {npz,scannet,spar,vqa} SRC OUT_DIR [...]   (see `g2vlm convert-data -h`)
     g2vlm reconstruct --checkpoint DIR --images FOLDER --out OUT [--width W]
     g2vlm chat    --checkpoint DIR [--images FILE ...] [--frames FOLDER] --question "..."
     g2vlm export  --checkpoint DIR --out OUT [--dtype bfloat16] [--official]
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run directory of a training run")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest readable)")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("convert-data", help="convert real data (npz scenes, ScanNet, SPAR QA) into records",
+    p = sub.add_parser("convert-data", help="convert real data (npz scenes, ScanNet, SPAR QA, VQA jsonl) into records",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_convert_data)
