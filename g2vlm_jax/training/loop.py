@@ -76,18 +76,18 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
     workdir = cfg.run_dir
     workdir.mkdir(parents=True, exist_ok=True)
 
+    # ---- Data (first: a missing dataset fails before any device memory is spent) ----------------
+    train_iter = data_lib.make_train_iterator(cfg)
+
     # ---- Mesh and sharded state -------------------------------------------------------------
     mesh = sharding_lib.make_mesh(cfg.mesh)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     spec, state, shardings = state_lib.create_train_state(cfg, mesh)
     batch_sharding = sharding_lib.batch_sharding(mesh)
 
-    # ---- Data ----------------------------------------------------------------------------------
-    train_iter = data_lib.make_train_iterator(cfg)
-
     # ---- Resume, or initialise from an earlier stage -----------------------------------------
     manager = ckpt_lib.make_manager(workdir / "checkpoints", cfg.checkpoint)
-    restored = ckpt_lib.restore_latest(manager, state, shardings, cfg)
+    restored = ckpt_lib.restore_latest(manager, state, shardings, cfg, set_aside_unreadable=True)
     if restored is not None:
         start_step, state, data_state = restored
         train_iter.set_state(data_state)
