@@ -5,8 +5,9 @@
     g2vlm convert-data {npz,scannet,spar,vqa} SRC OUT_DIR [...]   (see `g2vlm convert-data -h`)
     g2vlm reconstruct --checkpoint DIR --images FOLDER --out OUT [--width W]
     g2vlm chat    --checkpoint DIR [--images FILE ...] [--frames FOLDER] --question "..."
-    g2vlm export  --checkpoint DIR --out OUT [--dtype bfloat16] [--official]
+    g2vlm export  --checkpoint DIR --out OUT [--experiment E] [--dtype bfloat16] [--official]
     g2vlm convert --official CKPT_DIR --out OUT      (official release -> our params-only checkpoint)
+    g2vlm convert --to-official --checkpoint DIR --out OUT   (ours -> the official release layout)
 """
 from __future__ import annotations
 
@@ -149,7 +150,8 @@ def cmd_chat(args) -> int:
 def cmd_export(args) -> int:
     from g2vlm_jax import export
 
-    out = export.export(args.checkpoint, args.out, dtype=args.dtype, official=args.official)
+    experiment = _load(args) if args.experiment else None
+    out = export.export(args.checkpoint, args.out, dtype=args.dtype, official=args.official, experiment=experiment)
     print(f"wrote params-only checkpoint {out}" + (f" and the official layout in {out / 'official'}" if args.official else ""))
     return 0
 
@@ -157,9 +159,29 @@ def cmd_export(args) -> int:
 def cmd_convert(args) -> int:
     from g2vlm_jax import export
 
+    if args.to_official != bool(args.checkpoint):
+        raise ValueError("--checkpoint DIR goes with --to-official (ours -> official); "
+                         "--official CKPT_DIR takes no --checkpoint")
+    if args.to_official:
+        out = export.export_official(args.checkpoint, args.out, dtype=args.dtype)
+        print(f"converted {args.checkpoint} -> {out} (official layout: model.safetensors + config JSONs)")
+        return 0
     out = export.import_official(args.official, args.out)
     print(f"converted {args.official} -> {out} (use it as --checkpoint, or as checkpoint.init_from)")
     return 0
+
+
+def _weights_command(func):
+    """Bad weights or directories are user errors: one line naming the problem, exit status 2."""
+    from g2vlm_jax.checkpoint import CheckpointMismatchError
+
+    def run(args) -> int:
+        try:
+            return func(args)
+        except (ValueError, FileNotFoundError, CheckpointMismatchError) as e:
+            print(f"g2vlm {args.command}: {e}", file=sys.stderr)
+            return 2
+    return run
 
 
 def _inference_args(p: argparse.ArgumentParser) -> None:
@@ -203,14 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="params-only checkpoint for serving (and the official layout)")
     p.add_argument("--checkpoint", required=True, help="training run directory or params-only checkpoint")
     p.add_argument("--out", required=True)
+    p.add_argument("--experiment", default="",
+                   help="experiments/NAME.py[:ARG] to record in the export (default: the checkpoint's own config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of --experiment (shapes must still match the checkpoint)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--official", action="store_true", help="also write OUT/official (model.safetensors + configs)")
-    p.set_defaults(func=cmd_export)
-    p = sub.add_parser("convert", help="official G2VLM release directory -> our params-only checkpoint")
-    p.add_argument("--official", required=True, metavar="CKPT_DIR",
-                   help="directory with model.safetensors, text/vit/dino_config.json (and tokenizer files)")
+    p.set_defaults(func=_weights_command(cmd_export), workdir="")
+    p = sub.add_parser("convert", help="official G2VLM release directory <-> our params-only checkpoint")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--official", metavar="CKPT_DIR",
+                     help="official directory (model.safetensors, text/vit/dino_config.json, tokenizer files) -> ours")
+    way.add_argument("--to-official", action="store_true", help="--checkpoint (ours) -> the official layout in --out")
+    p.add_argument("--checkpoint", default="", help="with --to-official: training run directory or params-only checkpoint")
     p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_convert)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="with --to-official: dtype of model.safetensors")
+    p.set_defaults(func=_weights_command(cmd_convert))
     return parser
 
 
