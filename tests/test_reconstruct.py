@@ -115,3 +115,24 @@ def test_chat_cli_and_params_only_checkpoint(tiny_trained_run, tmp_path, capsys)
     expected = gen.generate(again, tok, [gen.Prompt(question, geo, np.zeros((0, 28, 28, 3), np.float32))],
                             max_new_tokens=4).texts[0]
     assert printed == expected + "\n"
+
+
+def test_eval_command_on_a_params_only_checkpoint(tiny_trained_run, tmp_path):
+    """`g2vlm eval` accepts exported/converted weights and reports what the run directory reports."""
+    import dataclasses
+
+    from flax import nnx
+
+    from g2vlm_jax import evaluation
+
+    cfg, model = load.load_model(tiny_trained_run)
+    ckpt_lib.save_params(tmp_path / "weights", ckpt_lib.flat_params(nnx.state(model, nnx.Param)),
+                         ckpt_lib.run_metadata(cfg))
+    experiment = str(pathlib.Path(__file__).resolve().parents[1] / "experiments/tiny_synthetic.py:test")
+    assert cli.main(["eval", "--experiment", experiment, "--set", f"workdir={tiny_trained_run}",
+                     "--checkpoint", str(tmp_path / "weights")]) == 0
+    from_params = json.loads((tmp_path / "weights" / "eval" / "report.json").read_text())["reconstruction"]
+    from_run = evaluation.evaluate_checkpoint(dataclasses.replace(cfg, workdir=str(tiny_trained_run)),
+                                              tiny_trained_run)["reconstruction"]
+    assert from_params["num_samples"] == from_run["num_samples"] > 0
+    assert from_params["vg_loss"] == pytest.approx(from_run["vg_loss"], rel=1e-6)
