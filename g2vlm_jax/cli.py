@@ -12,11 +12,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from g2vlm_jax import config as config_lib
 
 PEER_FAILURE_EXIT_CODE = 3  # a multi-process run lost a peer (see _exit_after_peer_failure)
+USER_ERROR_EXIT_CODE = 2  # bad config, input file, data or checkpoint (one-line message)
 
 
 def _experiment_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +64,15 @@ def initialize_distributed(args) -> None:
 def _load(args) -> config_lib.ExperimentConfig:
     overrides = list(args.overrides) + ([f"workdir={args.workdir}"] if args.workdir else [])
     return config_lib.load_experiment(args.experiment, overrides)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "fix your input" (imported lazily: `g2vlm -h` stays fast)."""
+    from data_pipelines.records import BadRecordError
+    from g2vlm_jax.checkpoint import CheckpointMismatchError
+
+    return (config_lib.ConfigError, CheckpointMismatchError, BadRecordError, FileNotFoundError, ValueError)
+
 
 
 def cmd_train(args) -> int:
@@ -171,19 +182,6 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _weights_command(func):
-    """Bad weights or directories are user errors: one line naming the problem, exit status 2."""
-    from g2vlm_jax.checkpoint import CheckpointMismatchError
-
-    def run(args) -> int:
-        try:
-            return func(args)
-        except (ValueError, FileNotFoundError, CheckpointMismatchError) as e:
-            print(f"g2vlm {args.command}: {e}", file=sys.stderr)
-            return 2
-    return run
-
-
 def _inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="training run directory, or a params-only checkpoint from `g2vlm export` / `g2vlm convert`")
@@ -231,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field of --experiment (shapes must still match the checkpoint)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--official", action="store_true", help="also write OUT/official (model.safetensors + configs)")
-    p.set_defaults(func=_weights_command(cmd_export), workdir="")
+    p.set_defaults(func=cmd_export, workdir="")
     p = sub.add_parser("convert", help="official G2VLM release directory <-> our params-only checkpoint")
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--official", metavar="CKPT_DIR",
@@ -241,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="with --to-official: dtype of model.safetensors")
-    p.set_defaults(func=_weights_command(cmd_convert))
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -263,13 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     _enable_compilation_cache()
+    user_errors = _user_errors()
     try:
         if hasattr(args, "distributed"):
             initialize_distributed(args)
         return args.func(args)
-    except config_lib.ConfigError as e:
-        print(f"g2vlm: {e}", file=sys.stderr)
-        return 2
+    except user_errors as e:
+        # Wrong config, missing file or data, unusable checkpoint: one line naming the problem and the
+        # fix, exit status 2. G2VLM_TRACEBACK=1 shows the traceback instead.
+        if os.environ.get("G2VLM_TRACEBACK"):
+            raise
+        print(f"g2vlm {getattr(args, 'command', '')}: {' '.join(str(e).split())}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
 
 
 if __name__ == "__main__":
