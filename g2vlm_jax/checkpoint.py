@@ -171,7 +171,10 @@ def load_params(directory: str | pathlib.Path, target: dict[str, jax.ShapeDtypeS
     if not (directory / "params").is_dir() or not (directory / "metadata.json").is_file():
         raise FileNotFoundError(f"{directory} is not a params-only g2vlm checkpoint (expected params/ and "
                                 "metadata.json); create one with `g2vlm export` or `g2vlm convert`")
-    metadata = json.loads((directory / "metadata.json").read_text())
+    try:
+        metadata = json.loads((directory / "metadata.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{directory}/metadata.json is not valid JSON ({e}); re-export the checkpoint") from e
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(directory / "params", target) if target else checkpointer.restore(directory / "params")
     return params, metadata
