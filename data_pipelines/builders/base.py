@@ -7,11 +7,14 @@ for synthetic data, sorted scene/row order for converted data. Read them back wi
 """
 from __future__ import annotations
 
+import collections
 import inspect
+import json
 import pathlib
 from collections.abc import Callable
 
 import tensorflow_datasets as tfds
+import tqdm
 from etils import epath
 
 from data_pipelines import records
@@ -53,6 +56,59 @@ class SceneRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=(self.__doc__ or "").strip(),
                                      features=self._features(), disable_shuffling=True)
+
+
+class RowError(ValueError):
+    """A source row that cannot become a record; `reason` is a short stable string for counting."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class JsonlRowsBuilder(SceneRecordBuilder, skip_registration=True):
+    """A builder whose source is `<split>.jsonl` files of rows (or `config.files`), one record per row.
+
+    Subclasses define `row_to_record(row, root, row_id) -> dict`; a row raising RowError (or not
+    being JSON) is skipped and counted in `self.skipped` by reason.
+    """
+
+    ROW_KIND = "rows"  # shown in the progress bar
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.skipped: collections.Counter = collections.Counter()  # rows skipped in the last build, by reason
+
+    def _split_generators(self, dl_manager):
+        root = pathlib.Path(dl_manager.manual_dir)
+        name = self.CONFIG_CLASS.__name__
+        files = self.settings.files or tuple((s, f"{s}.jsonl") for s in SPLITS if (root / f"{s}.jsonl").is_file())
+        if not files:
+            raise ValueError(f"no rows to convert: give {name}.files or put <split>.jsonl in {root}")
+        for split, path in files:
+            if split not in SPLITS or not (root / path).is_file():
+                raise ValueError(f"{name}.files entry ({split!r}, {path!r}): split must be in {SPLITS} "
+                                 f"and the file must exist (relative paths are under {root})")
+        return {split: self._generate_examples(root, root / path) for split, path in files}
+
+    def _generate_examples(self, root: pathlib.Path, path: pathlib.Path):
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(tqdm.tqdm(lines, desc=f"{self.ROW_KIND} {path.name}", leave=False)):
+            if not line.strip():
+                continue
+            row_id = f"{path.stem}-{number}"
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise RowError("bad_json", "a row must be a JSON object")
+                record = self.row_to_record(row, root, row_id)
+            except json.JSONDecodeError:
+                self.skipped["bad_json"] += 1
+                continue
+            except RowError as e:
+                self.skipped[e.reason] += 1
+                continue
+            yield row_id, record
 
 
 def find_scene_dirs(root: pathlib.Path, is_scene: Callable[[pathlib.Path], bool], split: str,

@@ -21,18 +21,16 @@ quality is lost), other formats are re-encoded as PNG. Bad rows are skipped and 
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import io
 import json
 import pathlib
 
 import tensorflow_datasets as tfds
-import tqdm
 from PIL import Image
 
 from data_pipelines import records
-from data_pipelines.builders.base import SPLITS, SceneRecordBuilder
+from data_pipelines.builders.base import JsonlRowsBuilder, RowError
 
 _ROLE_NAMES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -43,14 +41,6 @@ class VqaConfig(tfds.core.BuilderConfig):
 
     files: tuple[tuple[str, str], ...] = ()  # (split, jsonl path); () = every <split>.jsonl in manual_dir
     dataset: str = "vqa"  # VQASample.dataset of every record
-
-
-class RowError(ValueError):
-    """A row that cannot become a record; `reason` is a short stable string for counting."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
 
 
 def _image_bytes(path: pathlib.Path) -> bytes:
@@ -122,46 +112,16 @@ def row_to_record(row: dict, root: pathlib.Path, row_id: str, cfg: VqaConfig) ->
     return record
 
 
-class VqaSamples(SceneRecordBuilder):
+class VqaSamples(JsonlRowsBuilder):
     """General VQA: each jsonl row (1..N images and a conversation) is one record."""
 
     CONFIG_CLASS = VqaConfig
+    ROW_KIND = "vqa"
     MANUAL_DOWNLOAD_INSTRUCTIONS = ("Pass the folder that image paths are relative to as manual_dir; rows come "
                                     "from <split>.jsonl there or from VqaConfig.files.")
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.skipped: collections.Counter = collections.Counter()  # rows skipped in the last build, by reason
 
     def _features(self) -> tfds.features.FeaturesDict:
         return records.vqa_features()
 
-    def _split_generators(self, dl_manager):
-        root = pathlib.Path(dl_manager.manual_dir)
-        files = self.settings.files or tuple((s, f"{s}.jsonl") for s in SPLITS if (root / f"{s}.jsonl").is_file())
-        if not files:
-            raise ValueError(f"no rows to convert: give VqaConfig.files or put <split>.jsonl in {root}")
-        for split, path in files:
-            if split not in SPLITS or not (root / path).is_file():
-                raise ValueError(f"VqaConfig.files entry ({split!r}, {path!r}): split must be in {SPLITS} "
-                                 f"and the file must exist (relative paths are under {root})")
-        return {split: self._generate_examples(root, root / path) for split, path in files}
-
-    def _generate_examples(self, root: pathlib.Path, path: pathlib.Path):
-        lines = path.read_text().splitlines()
-        for number, line in enumerate(tqdm.tqdm(lines, desc=f"vqa {path.name}", leave=False)):
-            if not line.strip():
-                continue
-            row_id = f"{path.stem}-{number}"
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise RowError("bad_json", "a row must be a JSON object")
-                record = row_to_record(row, root, row_id, self.settings)
-            except json.JSONDecodeError:
-                self.skipped["bad_json"] += 1
-                continue
-            except RowError as e:
-                self.skipped[e.reason] += 1
-                continue
-            yield row_id, record
+    def row_to_record(self, row: dict, root: pathlib.Path, row_id: str) -> dict:
+        return row_to_record(row, root, row_id, self.settings)
