@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import pathlib
 
 import tensorflow_datasets as tfds
