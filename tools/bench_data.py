@@ -28,6 +28,8 @@ from data_pipelines import pipeline, records, sampling
 from data_pipelines.builders import base
 from g2vlm_jax import config as C
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 
 def data_config(args) -> C.DataConfig:
     size = (args.image_size, args.image_size)
@@ -78,12 +80,14 @@ def make_maker(data: C.DataConfig, scenes) -> pipeline.BatchMaker:
 def bench_direct(maker: pipeline.BatchMaker, steps: int) -> dict:
     """`maker(step)` called in this thread: the single-process cost of a step (no prefetch)."""
     maker(0)  # loads the tokenizer
-    samples, start = 0, time.perf_counter()
+    samples, tokens, start = 0, 0, time.perf_counter()
     for step in range(1, steps + 1):
-        samples += int(maker(step)[0]["sample_valid"].sum())
+        fields = maker(step)[0]
+        samples += int(fields["sample_valid"].sum())
+        tokens += int((fields["document_ids"] > 0).sum())
     seconds = time.perf_counter() - start
     return {"packs_per_s": rate(steps * maker.local_packs, seconds), "samples_per_s": rate(samples, seconds),
-            "startup_s": 0.0}
+            "tokens_per_s": rate(tokens, seconds), "startup_s": 0.0}
 
 
 def bench_iterator(maker: pipeline.BatchMaker, steps: int, workers: int) -> dict:
@@ -95,13 +99,32 @@ def bench_iterator(maker: pipeline.BatchMaker, steps: int, workers: int) -> dict
     startup = time.perf_counter() - start
     for _ in range(max(workers, 1) * (pipeline.PREFETCH_STEPS + 1)):  # drain what was built during start-up
         next(it)
-    samples, start = 0, time.perf_counter()
+    samples, tokens, start = 0, 0, time.perf_counter()
     for _ in range(steps):
-        samples += int(next(it).sample_valid.sum())
+        batch = next(it)
+        samples += int(batch.sample_valid.sum())
+        tokens += int((batch.document_ids > 0).sum())
     seconds = time.perf_counter() - start
     del it  # stops its threads / worker processes before the next run
     return {"packs_per_s": rate(steps * maker.local_packs, seconds), "samples_per_s": rate(samples, seconds),
-            "startup_s": startup}
+            "tokens_per_s": rate(tokens, seconds), "startup_s": startup}
+
+
+def train_consumption(maker: pipeline.BatchMaker, tiny_tokens_per_s: float, mfu: float) -> dict:
+    """Tokens/s the train steps eat, to compare with what the pipeline makes.
+
+    tiny: the measured CPU figure (docs/PERFORMANCE.md Table 2, `--tiny-tokens-per-s`). 2B stage 1a:
+    analytic model FLOPs per real token of this benchmark's own batch (g2vlm_jax/flops.py), at `mfu`
+    of one v5p chip's bf16 peak, i.e. tokens/s per chip (the pipeline runs on that chip's host).
+    """
+    from g2vlm_jax import flops
+
+    fields = maker(1)[0]
+    model = C.load_experiment(str(ROOT / "experiments" / "g2vlm_2b_stage1a.py")).model
+    step = flops.step_flops(model, pipeline.to_packed_batch(fields))
+    per_token = step.train_total / max(int((fields["document_ids"] > 0).sum()), 1)
+    return {"tiny (CPU, measured)": tiny_tokens_per_s,
+            f"2B stage 1a, per v5p chip at {mfu:.0%} MFU": mfu * flops.peak_flops("v5p") / per_token}
 
 
 def main(argv=None) -> int:
@@ -115,6 +138,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="Grain worker processes of the second run")
     parser.add_argument("--repeats", type=int, default=4, help="passes over the records for the read rate")
     parser.add_argument("--qa", action="store_true", help="synthetic spatial QA (recon_qa) instead of recon")
+    parser.add_argument("--tiny-tokens-per-s", type=float, default=1215.0,
+                        help="the tiny train step's tokens/s (docs/PERFORMANCE.md Table 2, tools/bench_train.py)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed MFU of the 2B train step")
     args = parser.parse_args(argv)
     if not flags.FLAGS.is_parsed():  # Grain workers read absl flags
         flags.FLAGS.mark_as_parsed()
@@ -125,7 +151,13 @@ def main(argv=None) -> int:
         runs = {"direct (maker(step), 1 thread)": bench_direct(maker, args.steps)}
         for w in (0, args.workers):
             runs[f"BatchIterator, {w} workers"] = bench_iterator(maker, args.steps, w)
+        consumption = train_consumption(maker, args.tiny_tokens_per_s, args.mfu)
     report(args, data, stages, runs)
+    print("| train step | tokens/s consumed | pipeline (best mode) / consumed |")
+    print("|---|---:|---:|")
+    best = max(r["tokens_per_s"] for r in runs.values())
+    for name, consumed in consumption.items():
+        print(f"| {name} | {consumed:.0f} | {best / consumed:.2f}x |")
     return 0
 
 
@@ -141,11 +173,12 @@ def report(args, data: C.DataConfig, stages: dict, runs: dict) -> None:
     print(f"| decode (record_to_scene) | {stages['decode']:.1f} | all frames |")
     print(f"| transform (sample_views) | {stages['transform']:.1f} | {stages['views_per_sample']} views, augmented |")
     direct = runs["direct (maker(step), 1 thread)"]["packs_per_s"]
-    print(f"| pipeline ({pipeline.PREFETCH_STEPS} steps prefetched) | packs/s | samples/s | vs direct | first batch s |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"| pipeline ({pipeline.PREFETCH_STEPS} steps prefetched) | packs/s | samples/s | tokens/s | vs direct "
+          "| first batch s |")
+    print("|---|---:|---:|---:|---:|---:|")
     for mode, r in runs.items():
-        print(f"| {mode} | {r['packs_per_s']:.2f} | {r['samples_per_s']:.2f} | {r['packs_per_s'] / direct:.2f}x "
-              f"| {r['startup_s']:.1f} |")
+        print(f"| {mode} | {r['packs_per_s']:.2f} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} "
+              f"| {r['packs_per_s'] / direct:.2f}x | {r['startup_s']:.1f} |")
     print(f"decode / read: {stages['decode'] / stages['read']:.3f}; transform / decode: "
           f"{stages['transform'] / stages['decode']:.2f}")
 
