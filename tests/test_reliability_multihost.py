@@ -14,8 +14,9 @@ from g2vlm_jax.training import loop
 from g2vlm_jax.training import state as state_lib
 from tests import multihost
 
-# 2 processes x 2 devices: the fsdp mesh spans 4 devices, one pack per device.
-OVERRIDES = ["data.packs_per_step=4", "eval.evaluators=", "checkpoint.every_steps=2", "checkpoint.keep_last=2"]
+# 2 processes x 4 CPU devices: the fsdp mesh spans 8 devices, one pack per device.
+DEVICES_PER_PROCESS = 4
+OVERRIDES = ["data.packs_per_step=8", "eval.evaluators=", "checkpoint.every_steps=2", "checkpoint.keep_last=2"]
 
 
 def _train_steps(workdir) -> list[int]:
@@ -28,7 +29,8 @@ def _train_steps(workdir) -> list[int]:
 def test_peer_death_restart_and_restore_on_another_mesh(tmp_path):
     workdir = tmp_path / "run"
     # 1. A long run; once it has trained past a checkpoint, process 1 dies (SIGKILL).
-    procs = multihost.launch(2, workdir, OVERRIDES + ["optim.total_steps=500"])
+    procs = multihost.launch(2, workdir, OVERRIDES + ["optim.total_steps=500"],
+                             devices_per_process=DEVICES_PER_PROCESS)
     multihost.wait_for(lambda: max(_train_steps(workdir), default=0) >= 3, 600, procs, "step 3 of the first run")
     procs[1].kill()
     killed_at = time.monotonic()
@@ -44,7 +46,8 @@ def test_peer_death_restart_and_restore_on_another_mesh(tmp_path):
     # 2. Restarting both processes resumes from the newest complete checkpoint and finishes.
     total = newest + 2
     logged_before = len(_train_steps(workdir))
-    procs = multihost.launch(2, workdir, OVERRIDES + [f"optim.total_steps={total}"])
+    procs = multihost.launch(2, workdir, OVERRIDES + [f"optim.total_steps={total}"],
+                             devices_per_process=DEVICES_PER_PROCESS)
     assert multihost.wait_all(procs, 600) == [0, 0], (workdir / "proc0.log").read_text()[-3000:]
     assert _train_steps(workdir)[logged_before:] == [newest + 1, newest + 2]
 
