@@ -16,8 +16,9 @@ import os
 import sys
 
 from g2vlm_jax import config as config_lib
+from g2vlm_jax import peer_watch
 
-PEER_FAILURE_EXIT_CODE = 3  # a multi-process run lost a peer (see _exit_after_peer_failure)
+PEER_FAILURE_EXIT_CODE = peer_watch.EXIT_CODE  # a multi-process run lost a peer
 USER_ERROR_EXIT_CODE = 2  # bad config, input file, data or checkpoint (one-line message)
 
 
@@ -37,11 +38,13 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
                    help="seconds without a peer's heartbeat before every process stops with an error")
 
 
-def initialize_distributed(args) -> None:
-    """Starts jax.distributed for multi-process runs (before any JAX computation).
+def initialize_distributed(args):
+    """Starts jax.distributed for multi-process runs (before any JAX computation) and returns the
+    `peer_watch.PeerWatch` (None for a single process).
 
-    A peer that dies is noticed through the coordinator's heartbeats: the survivors stop with an
-    error within about `--heartbeat-timeout` seconds instead of hanging in a collective.
+    A peer process that dies stops the survivors at once through the peer watch (one line, exit
+    status 3); a machine that vanishes without closing its sockets is caught by the coordinator's
+    heartbeats within about `--heartbeat-timeout` seconds.
     """
     import jax
 
@@ -49,16 +52,17 @@ def initialize_distributed(args) -> None:
     if mode == "off" and args.coordinator:
         mode = "explicit"
     if mode == "off":
-        return
+        return None
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts: cross-process collectives
     if mode == "auto":
         jax.distributed.initialize(heartbeat_timeout_seconds=args.heartbeat_timeout)
-        return
+        return peer_watch.start()
     if not args.coordinator or args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
         raise config_lib.ConfigError("--distributed explicit needs --coordinator HOST:PORT, --num-processes N >= 1 and "
                                      "--process-id in [0, N)")
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                heartbeat_timeout_seconds=args.heartbeat_timeout)
+    return peer_watch.start()
 
 
 def _load(args) -> config_lib.ExperimentConfig:
@@ -86,30 +90,11 @@ def cmd_train(args) -> int:
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
             raise
-        _exit_after_peer_failure(e)
+        peer_watch.stop_after_peer_failure(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
     print(f"finished at step {result.final_step}; run directory {result.workdir}")
     if result.eval_report is not None:
         print(f"evaluation report: {result.workdir / 'eval' / 'report.json'}")
     return 0
-
-
-def _exit_after_peer_failure(error: Exception) -> None:
-    """A collective failed in a multi-process run: a peer died or the network broke.
-
-    Prints one line naming the process and the fix, and exits with PEER_FAILURE_EXIT_CODE right away:
-    the normal interpreter exit would wait on the distributed shutdown barrier of the dead peer and
-    then abort. Checkpoints are never left partial (a step directory appears only once complete).
-    """
-    import os
-
-    import jax
-
-    first = str(error).strip().splitlines()[0][:300]
-    print(f"g2vlm: process {jax.process_index()} of {jax.process_count()} stopped: a peer process died or the "
-          f"network failed ({type(error).__name__}: {first}). Restart every process with the same command; "
-          "training resumes from the newest complete checkpoint.", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(PEER_FAILURE_EXIT_CODE)
 
 
 def cmd_eval(args) -> int:
@@ -263,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     _enable_compilation_cache()
     user_errors = _user_errors()
     try:
-        if hasattr(args, "distributed"):
-            initialize_distributed(args)
-        return args.func(args)
+        watch = initialize_distributed(args) if hasattr(args, "distributed") else None
+        code = args.func(args)
+        if watch is not None:
+            watch.close()  # a clean finish, not a death, for the other processes
+        return code
     except user_errors as e:
         # Wrong config, missing file or data, unusable checkpoint: one line naming the problem and the
         # fix, exit status 2. G2VLM_TRACEBACK=1 shows the traceback instead.
