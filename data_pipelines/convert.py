@@ -1,10 +1,11 @@
-"""Converters from real-data layouts to scene records: `g2vlm convert-data {npz,scannet,spar}`.
+"""Converters from real-data layouts to records: `g2vlm convert-data {npz,scannet,spar,vqa}`.
 
 Each converter builds one tfds dataset '<builder>/<name>' under out_dir (ArrayRecord), then checks
-the first record of every split: it decodes it strictly and measures the median relative
+the first record of every split. Scene converters decode it strictly and measure the median relative
 reprojection depth error between consecutive views (`consistency.py`) — a wrong pose convention or
 depth unit shows up there as tens of percent. Read the result back with
-`builders.open_scenes(result.dataset, split=..., data_dir=out_dir)`.
+`builders.open_scenes(result.dataset, split=..., data_dir=out_dir)` (or `builders.open_vqa` for the
+general-VQA converter, whose records have no geometry).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from data_pipelines.builders import base
 from data_pipelines.builders.npz_scenes import NpzScenes, NpzScenesConfig
 from data_pipelines.builders.scannet import ScannetConfig, ScannetScenes
 from data_pipelines.builders.spar import SparQa, SparQaConfig
+from data_pipelines.builders.vqa import VqaConfig, VqaSamples
 
 log = logging.getLogger(__name__)
 WARN_REPROJECTION = 0.03  # median relative error above which the geometry is suspect (correct data: < 1.5 %)
@@ -37,15 +39,20 @@ class ConvertResult:
     reprojection: dict[str, float]  # first record of each split: median relative depth error (nan: no overlap)
 
 
-def _build(builder: tfds.core.DatasetBuilder, manual_dir, out_dir, overwrite: bool) -> tuple[str, dict, dict]:
-    """Prepares the dataset, refusing to reuse an existing one silently."""
+def _prepare(builder: tfds.core.DatasetBuilder, manual_dir, overwrite: bool) -> tuple[str, dict]:
+    """Prepares the dataset, refusing to reuse an existing one silently; -> ('<builder>/<config>', splits)."""
     target = pathlib.Path(builder.data_dir)
     if target.exists():
         if not overwrite:
             raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) or another name")
         shutil.rmtree(target)
     splits = base.prepare(builder, manual_dir)
-    name = f"{builder.name}/{builder.builder_config.name}"
+    return f"{builder.name}/{builder.builder_config.name}", splits
+
+
+def _build(builder: tfds.core.DatasetBuilder, manual_dir, out_dir, overwrite: bool) -> tuple[str, dict, dict]:
+    """Prepares a scene dataset and checks the geometry of the first record of every split."""
+    name, splits = _prepare(builder, manual_dir, overwrite)
     checks = {}
     for split in splits:
         scene = base.open_scenes(name, split=split, data_dir=out_dir, strict=False)[0]
@@ -95,12 +102,30 @@ def convert_spar_qa(jsonl, out_dir, *, name: str = "default", split: str = "trai
     return ConvertResult(dataset_name, str(out_dir), splits, dict(builder.skipped), checks)
 
 
+def convert_vqa(jsonl, out_dir, *, name: str = "default", split: str = "train", image_root=None,
+                dataset: str = "vqa", overwrite: bool = False) -> ConvertResult:
+    """General VQA jsonl rows (see builders/vqa.py) -> 'vqa_samples/<name>'; image paths are relative to
+    image_root (default: the jsonl's folder). The first record of every split is decoded as a check
+    (VQA records have no geometry: `reprojection` is empty)."""
+    jsonl = pathlib.Path(jsonl).resolve()
+    if not jsonl.is_file():
+        raise ValueError(f"jsonl file {jsonl} does not exist")
+    builder = VqaSamples(config=VqaConfig(name=name, files=((split, str(jsonl)),), dataset=dataset),
+                         data_dir=str(out_dir))
+    dataset_name, splits = _prepare(builder, image_root or jsonl.parent, overwrite)
+    for split, count in splits.items():
+        if count:
+            base.open_vqa(dataset_name, split=split, data_dir=out_dir)[0]  # raises BadRecordError if undecodable
+    return ConvertResult(dataset_name, str(out_dir), splits, dict(builder.skipped), {})
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g2vlm convert-data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="layout", required=True)
     layouts = {"npz": ("src_dir", "condition.npz + rgb/ scene folder(s)"),
                "scannet": ("src_root", "ScanNet export root (scene folders)"),
-               "spar": ("jsonl", "SPAR-style jsonl file")}
+               "spar": ("jsonl", "SPAR-style jsonl file"),
+               "vqa": ("jsonl", "general VQA jsonl file (LLaVA conversations or question/answer rows)")}
     for layout, (src, help_text) in layouts.items():
         p = sub.add_parser(layout, help=help_text)
         p.add_argument(src, help=help_text)
@@ -108,9 +133,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--name", default="default", help="config name: the dataset is read as <builder>/<name>")
         p.add_argument("--split", default="train", choices=base.SPLITS,
                        help="split of sources not under train/validation/test folders")
-        p.add_argument("--image-format", choices=("png", "jpeg"), default="png" if layout == "npz" else "jpeg")
-        p.add_argument("--z-far", type=float, default=0.0 if layout == "npz" else 80.0)
         p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this name")
+        if layout != "vqa":  # VQA images keep their source bytes; VQA records have no depth
+            p.add_argument("--image-format", choices=("png", "jpeg"), default="png" if layout == "npz" else "jpeg")
+            p.add_argument("--z-far", type=float, default=0.0 if layout == "npz" else 80.0)
     npz = sub.choices["npz"]
     npz.add_argument("--dataset", default="npz", help="Scene.dataset stored in every record")
     npz.add_argument("--normal-loss", action="store_true", help="the depth is good enough for the normal loss")
@@ -120,12 +146,20 @@ def _parser() -> argparse.ArgumentParser:
     spar = sub.choices["spar"]
     spar.add_argument("--image-root", default=None, help="folder the row paths are relative to")
     spar.add_argument("--dataset", default="spar")
+    vqa = sub.choices["vqa"]
+    vqa.add_argument("--image-root", default=None, help="folder the row image paths are relative to")
+    vqa.add_argument("--dataset", default="vqa", help="VQASample.dataset stored in every record")
     return parser
 
 
 def main(argv: list[str] | None = None) -> ConvertResult:
     """`g2vlm convert-data LAYOUT SRC OUT_DIR [options]`; prints and returns the ConvertResult."""
     args = _parser().parse_args(argv)
+    if args.layout == "vqa":
+        result = convert_vqa(args.jsonl, args.out_dir, name=args.name, split=args.split, image_root=args.image_root,
+                             dataset=args.dataset, overwrite=args.overwrite)
+        print(f"wrote {result.dataset} to {result.data_dir}: {result.splits}; skipped {result.skipped}")
+        return result
     common = dict(name=args.name, split=args.split, z_far=args.z_far, image_format=args.image_format,
                   overwrite=args.overwrite)
     if args.layout == "npz":

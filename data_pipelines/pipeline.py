@@ -1,4 +1,4 @@
-"""Grain pipeline: step-indexed, per-process packed batches from a mixture of scene sources.
+"""Grain pipeline: step-indexed, per-process packed batches from a mixture of scene and VQA sources.
 
 Determinism is by construction: the batch of global step t on JAX process p is a pure function of
 (seed, t, p) — `BatchMaker(t)`. The iterator state is just the next step (plus skip counters), so a
@@ -13,9 +13,19 @@ Per step:
      record, sample views (augmented for training), build the token sequence;
   3. pack the samples into the row (`sequence.pack_row`) and stack rows into numpy batch fields.
 
-Bad records (corrupt images, NaN/empty depth, singular poses, mismatched view sizes) and
-over-long text leave their slot empty and are counted per reason; with `DataConfig.strict` they
-raise, naming the record.
+Sample layouts by `DataSource.kind` (SPEC 1.4):
+  recon     scene records: the reconstruction prompt and V geometry frames (VG loss);
+  recon_qa  scene records with QA pairs: chat, geometry frames, the question's marked semantic image,
+            question, answer (CE);
+  vqa       general VQA records (`vqa_samples`, `g2vlm convert-data vqa`): chat with the sample's N
+            images through the ViT, every answer trained with CE. No geometry: the sample's slot keeps
+            sample_valid False (no VG loss). Its images take N of the pack's semantic image slots (one
+            per sample slot); a sample with more images than a pack has slots is skipped.
+
+Bad records (corrupt images, NaN/empty depth, singular poses, mismatched view sizes), over-long
+text ('text_too_long', over data.max_text_tokens) and too many images ('too_many_images') leave
+their slot empty and are counted per reason (logged when a reason first appears, then every
+`log_every` steps); with `DataConfig.strict` they raise, naming the record.
 """
 from __future__ import annotations
 
@@ -35,6 +45,7 @@ from g2vlm_jax.config import DataConfig, DataSource
 from g2vlm_jax.tokenizer import load_tokenizer
 
 SYNTHETIC_BUILDERS = {"synthetic": "synthetic_scenes", "synthetic_qa": "synthetic_spatial_qa"}
+PREFETCH_STEPS = 2  # batches built ahead (in threads) per process, and per Grain worker process
 CHAT_OVERHEAD_TOKENS = 48  # chat-template text around a QA sample (system prefix, assistant turn, ...)
 
 
@@ -58,11 +69,14 @@ def builder_name(source: DataSource, data: DataConfig) -> tuple[str, dict]:
 
 
 def open_source(source: DataSource, data: DataConfig, split: str, workdir: pathlib.Path):
-    """A random-access SceneSource for one mixture entry (built on first use for synthetic data)."""
-    from data_pipelines.builders.base import open_scenes
+    """A random-access source for one mixture entry: a SceneSource (built on first use for synthetic
+    data), or a VqaSource for kind 'vqa' (a converted `vqa_samples/<name>` dataset)."""
+    from data_pipelines.builders.base import open_scenes, open_vqa
 
     name, kwargs = builder_name(source, data)
     data_dir = source.data_dir or str(workdir / "data")
+    if source.kind == "vqa":
+        return open_vqa(name, split=split, data_dir=data_dir)
     # Lenient decoding repairs NaN/negative depth pixels (set to "no value"); strict raises instead.
     return open_scenes(name, split=split, data_dir=data_dir, strict=data.strict, builder_kwargs=kwargs or None)
 
@@ -172,38 +186,63 @@ class BatchMaker:
             self._perm_cache[key] = np.random.default_rng([self.seed, source_i, epoch]).permutation(n)
         return int(self._perm_cache[key][offset])
 
-    def _sample(self, source_i: int, index: int, bucket: Bucket, rng: np.random.Generator, skips: collections.Counter):
-        """(SampleTokens, ViewSample, sem image or None) of one record, or None when skipped."""
-        source, scenes = self.sources[source_i]
+    def _too_long(self, where: str, texts, skips: collections.Counter) -> bool:
+        """Whether the texts exceed data.max_text_tokens: counted as 'text_too_long', or raised (strict)."""
+        n = sum(len(self.tokenizer.encode(t)) for t in texts)
+        if n <= self.data.max_text_tokens:
+            return False
+        if self.data.strict:
+            raise ValueError(f"{where}: its text has {n} tokens, more than data.max_text_tokens="
+                             f"{self.data.max_text_tokens}; raise the limit or drop the record")
+        skips["text_too_long"] += 1
+        return True
+
+    def _sample(self, source_i: int, index: int, shape: sequence.RowShape, rng: np.random.Generator,
+                skips: collections.Counter):
+        """(SampleTokens, ViewSample or None, [semantic images float32[Hs, Ws, 3]]) of one record, or
+        None when it is skipped."""
+        source, items = self.sources[source_i]
         try:
-            scene = scenes[index]
+            item = items[index]
         except BadRecordError as e:
             if self.data.strict:
                 raise BadRecordError(e.reason, f"{source.name}[{index}]") from e
             skips[e.reason] += 1
             return None
         tok, d = self.tokenizer, self.data
+        bucket = Bucket(shape.views, shape.height, shape.width)
+        if source.kind == "vqa":
+            return self._vqa_sample(f"{source.name}[{index}] ({item.sample_id})", item, shape, skips)
         if source.kind == "recon":
-            views = sampling.sample_views(scene, bucket.views, (bucket.height, bucket.width), rng, augment=self.augment)
-            return sequence.recon_sample(tok, bucket.views, bucket.height, bucket.width), views, None
-        if not scene.qa:
+            views = sampling.sample_views(item, bucket.views, (bucket.height, bucket.width), rng, augment=self.augment)
+            return sequence.recon_sample(tok, bucket.views, bucket.height, bucket.width), views, []
+        if not item.qa:
             skips["no_qa"] += 1
             return None
-        qa = scene.qa[int(rng.integers(len(scene.qa)))]
-        if len(tok.encode(qa.question)) + len(tok.encode(qa.answer)) > d.max_text_tokens:
-            if d.strict:
-                raise ValueError(f"{source.name}[{index}]: question+answer longer than data.max_text_tokens="
-                                 f"{d.max_text_tokens}")
-            skips["text_too_long"] += 1
+        qa = item.qa[int(rng.integers(len(item.qa)))]
+        if self._too_long(f"{source.name}[{index}] ({item.scene_id})", (qa.question, qa.answer), skips):
             return None
-        views, img = qa_inputs(scene, qa, bucket, d.vit_image_size, rng, augment=self.augment)
+        views, img = qa_inputs(item, qa, bucket, d.vit_image_size, rng, augment=self.augment)
         sh, sw = d.vit_image_size
-        if source.kind == "recon_qa":
-            tokens = sequence.recon_qa_sample(tok, bucket.views, bucket.height, bucket.width, 1, sh, sw, qa.question,
-                                              qa.answer)
-        else:
-            tokens = sequence.vqa_sample(tok, 1, sh, sw, qa.question, qa.answer)
-        return tokens, views, img
+        tokens = sequence.recon_qa_sample(tok, bucket.views, bucket.height, bucket.width, 1, sh, sw, qa.question,
+                                          qa.answer)
+        return tokens, views, [img]
+
+    def _vqa_sample(self, where: str, sample, shape: sequence.RowShape, skips: collections.Counter):
+        """A general VQA sample: no geometry, its images resized to data.vit_image_size for the ViT."""
+        if self._too_long(where, [t for _, t in sample.turns], skips):
+            return None
+        if len(sample.images) > shape.sem_slots:
+            if self.data.strict:
+                raise ValueError(f"{where}: {len(sample.images)} images, more than the {shape.sem_slots} semantic "
+                                 "image slots of a pack; raise data.tokens_per_pack or drop the record")
+            skips["too_many_images"] += 1
+            return None
+        sh, sw = self.data.vit_image_size
+        sems = [np.asarray(Image.fromarray(im).resize((sw, sh), Image.BICUBIC), np.float32) / 255.0
+                for im in sample.images]
+        tokens = sequence.vqa_conversation_sample(self.tokenizer, sample.turns, len(sems), sh, sw)
+        return tokens, None, sems
 
     def __call__(self, step: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
         d = self.data
@@ -213,13 +252,13 @@ class BatchMaker:
             bucket = Bucket(self.fixed_views, d.image_size[0], d.image_size[1])
         shape = self.row_shape(bucket)
         skips: collections.Counter = collections.Counter()
-        rows = [self._pack(step, self.process_index * self.local_packs + r, bucket, shape, skips)
+        rows = [self._pack(step, self.process_index * self.local_packs + r, shape, skips)
                 for r in range(self.local_packs)]
         fields = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
         return fields, dict(skips)
 
-    def _pack(self, step: int, pack_id: int, bucket: Bucket, shape: sequence.RowShape, skips) -> dict:
-        s_slots, v, h, w = shape.sample_slots, bucket.views, bucket.height, bucket.width
+    def _pack(self, step: int, pack_id: int, shape: sequence.RowShape, skips) -> dict:
+        s_slots, v, h, w = shape.sample_slots, shape.views, shape.height, shape.width
         out = {"geo_images": np.zeros((s_slots, v, h, w, 3), np.float32), "sample_valid": np.zeros(s_slots, bool),
                "gt_world_points": np.zeros((s_slots, v, h, w, 3), np.float32),
                "gt_valid": np.zeros((s_slots, v, h, w), bool), "gt_poses": np.tile(np.eye(4, dtype=np.float32), (s_slots, v, 1, 1)),
@@ -232,21 +271,21 @@ class BatchMaker:
             rng = np.random.default_rng([self.seed, step, pack_id, s])
             source_i = int(rng.choice(len(self.sources), p=self.weights))
             index = self._index(source_i, (step * self.data.packs_per_step + pack_id) * self.max_slots + s)
-            got = self._sample(source_i, index, bucket, rng, skips)
+            got = self._sample(source_i, index, shape, rng, skips)
             if got is None:
                 continue
-            tokens, views, sem = got
+            tokens, views, sems = got
             if not sequence.fits(samples + [tokens], shape):
                 skips["pack_full"] += 1
                 continue
-            k = len(samples)
+            k, n = len(samples), sum(t.num_sem_images for t in samples)  # sample slot, first semantic image slot
             samples.append(tokens)
-            out["geo_images"][k], out["gt_world_points"][k], out["gt_valid"][k] = views.images, views.world_points, views.valid
-            out["gt_poses"][k], out["gt_intrinsics"][k] = views.c2w, views.intrinsics
-            out["sample_valid"][k], out["normal_loss_enabled"][k] = True, views.normal_loss
-            if sem is not None:
-                n = sum(t.num_sem_images for t in samples[:-1])
-                out["sem_images"][n], out["sem_image_valid"][n] = sem, True
+            if views is not None:  # general VQA samples have no geometry: their slot stays invalid for the VG loss
+                out["geo_images"][k], out["gt_world_points"][k], out["gt_valid"][k] = views.images, views.world_points, views.valid
+                out["gt_poses"][k], out["gt_intrinsics"][k] = views.c2w, views.intrinsics
+                out["sample_valid"][k], out["normal_loss_enabled"][k] = True, views.normal_loss
+            for i, sem in enumerate(sems):
+                out["sem_images"][n + i], out["sem_image_valid"][n + i] = sem, True
         out.update(sequence.pack_row(samples, shape))
         return out
 
@@ -265,7 +304,10 @@ class BatchIterator:
 
     def _start(self, step: int) -> None:
         self.step = step
-        ds = grain.MapDataset.range(step, 2**31 - 1).map(self.maker).to_iter_dataset()
+        # Grain's default read options (16 threads, 500 elements ahead) would build and hold hundreds of
+        # whole batches; a few steps ahead are enough to hide the batch building behind a train step.
+        options = grain.ReadOptions(num_threads=PREFETCH_STEPS, prefetch_buffer_size=PREFETCH_STEPS)
+        ds = grain.MapDataset.range(step, 2**31 - 1).map(self.maker).to_iter_dataset(options)
         if self.num_workers:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
         self._it = iter(ds)
@@ -275,9 +317,13 @@ class BatchIterator:
 
     def __next__(self) -> PackedBatch:
         fields, skips = next(self._it)
+        new_reasons = sorted(set(skips) - set(self.skips))
         self.skips.update(skips)
         self.step += 1
-        if skips and self.step % self.log_every == 0:
+        if new_reasons:
+            logging.warning("data: step %d skipped records for a new reason %s; so far %s", self.step - 1,
+                            new_reasons, dict(self.skips))
+        elif skips and self.step % self.log_every == 0:
             logging.info("data: skipped records so far %s", dict(self.skips))
         return to_packed_batch(fields)
 

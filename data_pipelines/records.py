@@ -22,6 +22,10 @@ Feature spec (`scene_features()`), V views of H x W pixels:
     qa            Sequence({question, answer, answer_type, task: Text,
                             choices, views, markers: Text holding JSON lists})
 
+General VQA records (`vqa_features()`, builder `vqa_samples`) hold no geometry: sample_id, dataset,
+images (1..N encoded bytes, sizes may differ), roles / texts (the conversation, `VQASample.turns`),
+answer_type ('' | 'numeric' | 'choice') and choices (JSON list); `record_to_vqa` decodes them.
+
 Why bytes instead of `tfds.features.Image`: the Image feature decodes every view inside
 `data_source[i]`, so a corrupt frame raises deep in tfds and a scene with hundreds of frames is
 fully decoded even when the sampler keeps four. Raw bytes let `record_to_scene(views=...)` decode
@@ -301,26 +305,38 @@ def record_to_scene(record: dict, *, strict: bool = True, views: Sequence[int] |
 # General VQA samples (images + a conversation; no geometry)
 # --------------------------------------------------------------------------------------------------
 ROLES = ("system", "user", "assistant")
+VQA_ANSWER_TYPES = ("", "numeric", "choice")  # '' = free-form text
 
 
 @dataclasses.dataclass(frozen=True)
 class VQASample:
     """A general VQA sample. The images go at the start of the first user turn (SPEC 1.4).
 
-    images: uint8[H_i, W_i, 3] each (sizes may differ)
-    turns:  ((role, text), ...), roles from ROLES, at least one user and one assistant turn
+    images:      uint8[H_i, W_i, 3] each (sizes may differ)
+    turns:       ((role, text), ...): an optional system turn first, then user / assistant turns
+                 alternating, starting with user and ending with assistant (every assistant turn is
+                 trained with CE)
+    answer_type: '' (free-form), 'numeric' or 'choice': how an evaluator scores the last answer
+    choices:     option texts of a 'choice' question ("A. ...", ...), already part of the user text
     """
 
     sample_id: str
     dataset: str
     images: tuple[np.ndarray, ...]
     turns: tuple[tuple[str, str], ...]
+    answer_type: str = ""
+    choices: tuple[str, ...] = ()
 
     def check(self) -> None:
         roles = [r for r, _ in self.turns]
-        if any(r not in ROLES for r in roles) or "user" not in roles or "assistant" not in roles:
-            raise ValueError(f"VQA sample {self.sample_id!r}: roles {roles} must come from {ROLES} and "
-                             "include a user and an assistant turn")
+        chat = roles[1:] if roles[:1] == ["system"] else roles
+        alternating = all(r == ("user", "assistant")[i % 2] for i, r in enumerate(chat))
+        if not chat or not alternating or len(chat) % 2:
+            raise ValueError(f"VQA sample {self.sample_id!r}: roles {roles} must be an optional system turn, then "
+                             f"user / assistant turns alternating from user to assistant (roles from {ROLES})")
+        if self.answer_type not in VQA_ANSWER_TYPES:
+            raise ValueError(f"VQA sample {self.sample_id!r}: answer_type {self.answer_type!r} is not one of "
+                             f"{VQA_ANSWER_TYPES}")
         for im in self.images:
             if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
                 raise ValueError(f"VQA sample {self.sample_id!r}: image is {im.dtype}{list(im.shape)}, "
@@ -328,25 +344,30 @@ class VQASample:
 
 
 def vqa_features() -> tfds.features.FeaturesDict:
-    """tfds features of a VQA record: sample_id, dataset, images (encoded bytes), roles, texts."""
+    """tfds features of a VQA record: sample_id, dataset, images (encoded bytes), roles, texts,
+    answer_type and choices (JSON list)."""
     text = tfds.features.Text
     return tfds.features.FeaturesDict({
         "sample_id": text(), "dataset": text(), "images": _bytes_sequence(),
         "roles": tfds.features.Sequence(text()), "texts": tfds.features.Sequence(text()),
+        "answer_type": text(), "choices": text(),
     })
 
 
 def vqa_to_record(sample: VQASample, *, image_format: str = "jpeg") -> dict:
+    """Encodes a VQASample into a dict matching `vqa_features()`; raises ValueError on a malformed sample."""
     sample.check()
     return {"sample_id": sample.sample_id, "dataset": sample.dataset,
             "images": [encode_image(im, image_format) for im in sample.images],
-            "roles": [r for r, _ in sample.turns], "texts": [t for _, t in sample.turns]}
+            "roles": [r for r, _ in sample.turns], "texts": [t for _, t in sample.turns],
+            "answer_type": sample.answer_type, "choices": json.dumps(list(sample.choices))}
 
 
 def record_to_vqa(record: dict) -> VQASample:
     """Decodes a VQA record; raises BadRecordError ('missing_field', 'corrupt_image', 'bad_qa')."""
     rid = _text(record.get("sample_id", "?"))
-    missing = [k for k in ("sample_id", "dataset", "images", "roles", "texts") if k not in record]
+    missing = [k for k in ("sample_id", "dataset", "images", "roles", "texts", "answer_type", "choices")
+               if k not in record]
     if missing:
         raise BadRecordError("missing_field", rid, f"missing {missing}")
     try:
@@ -355,10 +376,12 @@ def record_to_vqa(record: dict) -> VQASample:
         raise BadRecordError("corrupt_image", rid, str(e)) from None
     if len(record["roles"]) != len(record["texts"]):
         raise BadRecordError("bad_qa", rid, "roles and texts differ in length")
-    sample = VQASample(rid, _text(record["dataset"]), images,
-                       tuple((_text(r), _text(t)) for r, t in zip(record["roles"], record["texts"])))
     try:
+        choices = tuple(str(c) for c in json.loads(_text(record["choices"])))
+        sample = VQASample(rid, _text(record["dataset"]), images,
+                           tuple((_text(r), _text(t)) for r, t in zip(record["roles"], record["texts"])),
+                           answer_type=_text(record["answer_type"]), choices=choices)
         sample.check()
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise BadRecordError("bad_qa", rid, str(e)) from None
     return sample

@@ -30,7 +30,15 @@ from g2vlm_jax.batch import GEO_PATCH, PAD_ORDER, TOKEN_DINO, TOKEN_TEXT, TOKEN_
 from g2vlm_jax.tokenizer import Tokenizer
 
 RECON_PROMPT = "Reconstruct the 3D scene."
-SYSTEM_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+def system_prefix(system: str = DEFAULT_SYSTEM) -> str:
+    """The chat template up to the first user text."""
+    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+
+
+SYSTEM_PREFIX = system_prefix()
 ASSISTANT_TURN = "<|im_end|>\n<|im_start|>assistant"
 
 
@@ -181,9 +189,33 @@ def recon_qa_sample(tok: Tokenizer, views: int, height: int, width: int, num_sem
 
 
 def vqa_sample(tok: Tokenizer, num_sem: int, sem_height: int, sem_width: int, question: str, answer: str) -> SampleTokens:
-    """General VQA: chat template with the semantic images at the start of the first user turn."""
-    b = chat_prompt(tok, 0, 0, 0, num_sem, sem_height, sem_width, question)
-    _answer(b, answer)
+    """General VQA, one question: chat template with the semantic images at the start of the user turn."""
+    return vqa_conversation_sample(tok, (("user", question), ("assistant", answer)), num_sem, sem_height, sem_width)
+
+
+def vqa_conversation_sample(tok: Tokenizer, turns, num_sem: int, sem_height: int, sem_width: int) -> SampleTokens:
+    """General VQA, any number of rounds (`records.VQASample.turns`: an optional system turn, then user /
+    assistant alternating). The semantic images open the first user turn; every assistant turn is
+    trained like `_answer`; later user turns open with `\n<|im_start|>user\n`:
+
+        <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n [images] {user}<|im_end|>\n
+        <|im_start|>assistant \n{answer: loss} <|im_end|> \n<|im_start|>user\n{user} ...
+    """
+    turns = list(turns)
+    system = turns.pop(0)[1] if turns and turns[0][0] == "system" else DEFAULT_SYSTEM
+    roles = [r for r, _ in turns]
+    if not roles or roles != ["user", "assistant"] * (len(roles) // 2):
+        raise ValueError(f"VQA turns {roles}: expected user / assistant turns alternating from user to assistant")
+    b = SequenceBuilder(tok)
+    b.text(system_prefix(system))
+    for _ in range(num_sem):
+        b.semantic_image(sem_height, sem_width)
+    for i in range(0, len(turns), 2):
+        if i:
+            b.text("\n<|im_start|>user\n")
+        b.text(turns[i][1])
+        b.text(ASSISTANT_TURN)
+        _answer(b, turns[i + 1][1])
     return b.build()
 
 

@@ -13,7 +13,7 @@ def get_config(arg: str = "") -> c.ExperimentConfig:
         name="g2vlm_2b_stage2",
         model=common.model_2b(freeze_recon=True),
         data=c.DataConfig(sources=(c.DataSource(name="spar_qa", kind="recon_qa", weight=0.7),
-                                   c.DataSource(name="llava_onevision", kind="vqa", weight=0.3)),
+                                   c.DataSource(name="vqa_samples/llava_onevision", kind="vqa", weight=0.3)),
                           eval_sources=(c.DataSource(name="spar_qa", kind="recon_qa"),),
                           tokenizer="qwen2:checkpoints/G2VLM-2B-MoT", image_size=(518, 518),
                           vit_image_size=(756, 756), view_buckets=(2, 4, 8, 16), min_views=2, max_views=16,

@@ -8,6 +8,7 @@ Args (`--experiment experiments/tiny_synthetic.py:ARG`):
   ""      stage-1 reconstruction (default)
   "qa"    stage-2 on synthetic spatial QA (semantic expert trains with CE)
   "test"  the smallest run with every structural feature (1 layer, 28x28 frames, 2 views): tests
+  "qa_test" the smallest stage-2 run (semantic expert + ViT + spatial-QA evaluator): tests
 """
 import dataclasses
 
@@ -15,10 +16,12 @@ from g2vlm_jax import config as c
 
 
 def get_config(arg: str = "") -> c.ExperimentConfig:
-    if arg not in ("", "qa", "test"):
-        raise c.ConfigError(f"tiny_synthetic: unknown arg {arg!r}; allowed values are ['', 'qa', 'test']")
+    if arg not in ("", "qa", "test", "qa_test"):
+        raise c.ConfigError(f"tiny_synthetic: unknown arg {arg!r}; allowed values are ['', 'qa', 'test', 'qa_test']")
     if arg == "test":
         return _test_config()
+    if arg == "qa_test":
+        return _qa_test_config()
     qa = arg == "qa"
     model = c.tiny_model(freeze_und=not qa, freeze_recon=qa, use_vit=qa)
     source = c.DataSource(name="synthetic_qa" if qa else "synthetic", kind="recon_qa" if qa else "recon",
@@ -68,3 +71,19 @@ def _test_config() -> c.ExperimentConfig:
         optim=dataclasses.replace(base.optim, warmup_steps=1, total_steps=6),
         checkpoint=c.CheckpointConfig(every_steps=3, keep_last=3),
         eval=c.EvalConfig(evaluators=("reconstruction",), every_steps=0, num_batches=1), log_every=1)
+
+
+def _qa_test_config() -> c.ExperimentConfig:
+    """Stage 2 at test scale: CE on synthetic spatial QA, then the spatial-QA evaluator."""
+    base = get_config("qa")
+    model = dataclasses.replace(base.model, text=dataclasses.replace(base.model.text, num_layers=1),
+                                heads=dataclasses.replace(base.model.heads, decoder_layers=1))
+    source = dataclasses.replace(base.data.sources[0], synthetic_scenes=(32, 4, 4))
+    data = dataclasses.replace(base.data, sources=(source,), eval_sources=(source,), image_size=(28, 28),
+                               view_buckets=(2,), min_views=2, max_views=2, tokens_per_pack=256, packs_per_step=2,
+                               augment=False)
+    return dataclasses.replace(
+        base, name="tiny_synthetic_qa_test", model=model, data=data,
+        optim=dataclasses.replace(base.optim, warmup_steps=3, total_steps=16),
+        checkpoint=c.CheckpointConfig(every_steps=8, keep_last=2),
+        eval=c.EvalConfig(evaluators=("spatial_qa",), every_steps=0, num_batches=2, max_new_tokens=8), log_every=1)

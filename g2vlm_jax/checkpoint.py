@@ -94,14 +94,17 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, shar
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: Any, shardings: Any,
-                   cfg: config_lib.ExperimentConfig) -> tuple[int, Any, dict] | None:
+                   cfg: config_lib.ExperimentConfig, *,
+                   set_aside_unreadable: bool = False) -> tuple[int, Any, dict] | None:
     """Restores the newest *readable* checkpoint: (step, state, data_state), or None if there is none.
 
     A newest checkpoint that fails to read (truncated or corrupted files) is reported with a warning
-    naming it and the previous one is tried; nothing is deleted. A checkpoint of another model
-    config is an error, not a fallback.
+    naming it and the previous one is tried; nothing is deleted (`set_aside_unreadable`: the trainer
+    renames the unreadable ones, see `_set_aside`). A checkpoint of another model config is an
+    error, not a fallback.
     """
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    unreadable = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored_state, data_state = restore(manager, step, abstract, shardings, cfg)
@@ -109,10 +112,36 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any, shardings: Any,
             raise
         except Exception as e:  # noqa: BLE001 - any read failure means "not a usable checkpoint"
             logging.warning("checkpoint %s/%d is unreadable (%s: %s); falling back to the previous one",
-                            manager.directory, step, type(e).__name__, str(e).splitlines()[0][:200])
+                            manager.directory, step, type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+            unreadable.append(step)
             continue
+        if set_aside_unreadable:
+            _set_aside(manager, unreadable)
         return step, restored_state, data_state
     return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Renames unreadable step directories to `<step>.unreadable` (kept for inspection, never deleted).
+
+    Without this the resumed run could not save those steps again (Orbax refuses an existing step)
+    and a later restart would try them first again. Only the trainer asks for this (eval and
+    inference open checkpoints read-only and leave them as they are).
+    """
+    if not steps:
+        return
+    if jax.process_index() == 0:
+        for step in steps:
+            src = pathlib.Path(manager.directory) / str(step)
+            dst = src.with_name(f"{step}.unreadable")
+            if src.exists() and not dst.exists():
+                src.rename(dst)
+                logging.warning("checkpoint %s set aside as %s", src, dst.name)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("g2vlm_checkpoint_set_aside")
+    manager.reload()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,7 +151,7 @@ def flat_params(params: Any) -> dict[str, Any]:
     """nnx.State of parameters -> {'a/b/0/kernel': array} (the stable on-disk naming)."""
     from flax import nnx
 
-    return {"/".join(str(k) for k in path): (v.value if hasattr(v, "value") else v)
+    return {"/".join(str(k) for k in path): (v.get_value() if hasattr(v, "get_value") else v)
             for path, v in nnx.to_flat_state(params)}
 
 
@@ -142,7 +171,10 @@ def load_params(directory: str | pathlib.Path, target: dict[str, jax.ShapeDtypeS
     if not (directory / "params").is_dir() or not (directory / "metadata.json").is_file():
         raise FileNotFoundError(f"{directory} is not a params-only g2vlm checkpoint (expected params/ and "
                                 "metadata.json); create one with `g2vlm export` or `g2vlm convert`")
-    metadata = json.loads((directory / "metadata.json").read_text())
+    try:
+        metadata = json.loads((directory / "metadata.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{directory}/metadata.json is not valid JSON ({e}); re-export the checkpoint") from e
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(directory / "params", target) if target else checkpointer.restore(directory / "params")
     return params, metadata

@@ -2,15 +2,25 @@
 
     g2vlm train   --experiment experiments/NAME.py[:ARG] [--set key=value ...]
     g2vlm eval    --experiment ... --checkpoint RUN_DIR [--step N]
-    g2vlm convert-data {npz,scannet,spar} SRC OUT_DIR [...]   (see `g2vlm convert-data -h`)
+    g2vlm convert-data {npz,scannet,spar,vqa} SRC OUT_DIR [...]   (see `g2vlm convert-data -h`)
+    g2vlm reconstruct --checkpoint DIR --images FOLDER --out OUT [--width W]
+    g2vlm chat    --checkpoint DIR [--images FILE ...] [--frames FOLDER] --question "..."
+    g2vlm export  --checkpoint DIR --out OUT [--experiment E] [--dtype bfloat16] [--official]
+    g2vlm convert --official CKPT_DIR --out OUT      (official release -> our params-only checkpoint)
+    g2vlm convert --to-official --checkpoint DIR --out OUT   (ours -> the official release layout)
     g2vlm aot     --experiment experiments/NAME.py --topology v5p:4x4x8 [...]  (tools/aot_compile.py)
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from g2vlm_jax import config as config_lib
+from g2vlm_jax import peer_watch
+
+PEER_FAILURE_EXIT_CODE = peer_watch.EXIT_CODE  # a multi-process run lost a peer
+USER_ERROR_EXIT_CODE = 2  # bad config, input file, data or checkpoint (one-line message)
 
 
 def _experiment_args(p: argparse.ArgumentParser) -> None:
@@ -18,6 +28,42 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.total_steps=100 (repeatable)")
     p.add_argument("--workdir", default="", help="run directory (default: runs/<experiment name>)")
+    g = p.add_argument_group("multi-process (one process per host; see README 'Running on a TPU pod')")
+    g.add_argument("--distributed", choices=("off", "auto", "explicit"), default="off",
+                   help="auto: jax.distributed.initialize() detects the cluster (TPU pods, SLURM); explicit: "
+                        "--coordinator/--num-processes/--process-id (default: off, or explicit when they are given)")
+    g.add_argument("--coordinator", default="", metavar="HOST:PORT", help="address of process 0's coordinator")
+    g.add_argument("--num-processes", type=int, default=0)
+    g.add_argument("--process-id", type=int, default=-1)
+    g.add_argument("--heartbeat-timeout", type=int, default=100,
+                   help="seconds without a peer's heartbeat before every process stops with an error")
+
+
+def initialize_distributed(args):
+    """Starts jax.distributed for multi-process runs (before any JAX computation) and returns the
+    `peer_watch.PeerWatch` (None for a single process).
+
+    A peer process that dies stops the survivors at once through the peer watch (one line, exit
+    status 3); a machine that vanishes without closing its sockets is caught by the coordinator's
+    heartbeats within about `--heartbeat-timeout` seconds.
+    """
+    import jax
+
+    mode = args.distributed
+    if mode == "off" and args.coordinator:
+        mode = "explicit"
+    if mode == "off":
+        return None
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts: cross-process collectives
+    if mode == "auto":
+        jax.distributed.initialize(heartbeat_timeout_seconds=args.heartbeat_timeout)
+        return peer_watch.start()
+    if not args.coordinator or args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        raise config_lib.ConfigError("--distributed explicit needs --coordinator HOST:PORT, --num-processes N >= 1 and "
+                                     "--process-id in [0, N)")
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               heartbeat_timeout_seconds=args.heartbeat_timeout)
+    return peer_watch.start()
 
 
 def _load(args) -> config_lib.ExperimentConfig:
@@ -25,11 +71,27 @@ def _load(args) -> config_lib.ExperimentConfig:
     return config_lib.load_experiment(args.experiment, overrides)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "fix your input" (imported lazily: `g2vlm -h` stays fast)."""
+    from data_pipelines.records import BadRecordError
+    from g2vlm_jax.checkpoint import CheckpointMismatchError
+
+    return (config_lib.ConfigError, CheckpointMismatchError, BadRecordError, FileNotFoundError, ValueError)
+
+
+
 def cmd_train(args) -> int:
+    import jax
+
     from g2vlm_jax.training import loop
 
     cfg = _load(args)
-    result = loop.train(cfg)
+    try:
+        result = loop.train(cfg)
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        peer_watch.stop_after_peer_failure(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
     print(f"finished at step {result.final_step}; run directory {result.workdir}")
     if result.eval_report is not None:
         print(f"evaluation report: {result.workdir / 'eval' / 'report.json'}")
@@ -64,6 +126,61 @@ def cmd_aot(args) -> int:
     return aot_compile.run(args)
 
 
+def cmd_reconstruct(args) -> int:
+    from g2vlm_jax.inference import load, reconstruct
+    from g2vlm_jax.tokenizer import load_tokenizer
+
+    cfg, model = load.load_model(args.checkpoint, args.overrides)
+    width = args.width or cfg.data.image_size[1]
+    cameras = reconstruct.reconstruct(model, load_tokenizer(cfg.data.tokenizer), args.images, args.out, width=width)
+    print(f"wrote {cameras['num_points']} points of {len(cameras['views'])} views to {args.out} "
+          f"(dropped {cameras['dropped_points']} non-finite)")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from g2vlm_jax.inference import chat, load
+    from g2vlm_jax.tokenizer import load_tokenizer
+
+    cfg, model = load.load_model(args.checkpoint, args.overrides)
+    answer = chat.answer(model, load_tokenizer(cfg.data.tokenizer), cfg, question=args.question,
+                         images=args.images, frames=args.frames, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(answer)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from g2vlm_jax import export
+
+    experiment = _load(args) if args.experiment else None
+    out = export.export(args.checkpoint, args.out, dtype=args.dtype, official=args.official, experiment=experiment)
+    print(f"wrote params-only checkpoint {out}" + (f" and the official layout in {out / 'official'}" if args.official else ""))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from g2vlm_jax import export
+
+    if args.to_official != bool(args.checkpoint):
+        raise ValueError("--checkpoint DIR goes with --to-official (ours -> official); "
+                         "--official CKPT_DIR takes no --checkpoint")
+    if args.to_official:
+        out = export.export_official(args.checkpoint, args.out, dtype=args.dtype)
+        print(f"converted {args.checkpoint} -> {out} (official layout: model.safetensors + config JSONs)")
+        return 0
+    out = export.import_official(args.official, args.out)
+    print(f"converted {args.official} -> {out} (use it as --checkpoint, or as checkpoint.init_from)")
+    return 0
+
+
+def _inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="training run directory, or a params-only checkpoint from `g2vlm export` / `g2vlm convert`")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an inference-only config field, e.g. --set model.attention_kernel=blockwise")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g2vlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,10 +192,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run directory of a training run")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest readable)")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("convert-data", help="convert real data (npz scenes, ScanNet, SPAR QA) into records",
+    p = sub.add_parser("convert-data", help="convert real data (npz scenes, ScanNet, SPAR QA, VQA jsonl) into records",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_convert_data)
+    p = sub.add_parser("reconstruct", help="images -> point cloud (.ply/.glb), depth maps, cameras (JSON)")
+    _inference_args(p)
+    p.add_argument("--images", required=True, help="folder of images (natural file-name order)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--width", type=int, default=0, help="resize width in pixels (default: the experiment's)")
+    p.set_defaults(func=cmd_reconstruct)
+    p = sub.add_parser("chat", help="answer a question about images (KV-cache decoding)")
+    _inference_args(p)
+    p.add_argument("--question", required=True)
+    p.add_argument("--images", nargs="*", default=[], help="semantic images (shown to the ViT)")
+    p.add_argument("--frames", default="", help="folder of geometry frames in context (default: the --images)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("export", help="params-only checkpoint for serving (and the official layout)")
+    p.add_argument("--checkpoint", required=True, help="training run directory or params-only checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--experiment", default="",
+                   help="experiments/NAME.py[:ARG] to record in the export (default: the checkpoint's own config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of --experiment (shapes must still match the checkpoint)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--official", action="store_true", help="also write OUT/official (model.safetensors + configs)")
+    p.set_defaults(func=cmd_export, workdir="")
+    p = sub.add_parser("convert", help="official G2VLM release directory <-> our params-only checkpoint")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--official", metavar="CKPT_DIR",
+                     help="official directory (model.safetensors, text/vit/dino_config.json, tokenizer files) -> ours")
+    way.add_argument("--to-official", action="store_true", help="--checkpoint (ours) -> the official layout in --out")
+    p.add_argument("--checkpoint", default="", help="with --to-official: training run directory or params-only checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="with --to-official: dtype of model.safetensors")
+    p.set_defaults(func=cmd_convert)
     from tools import aot_compile  # argument definitions only; jax is imported when it runs
 
     p = sub.add_parser("aot", help="compile an experiment's steps for a TPU slice without a TPU (memory, FLOPs)")
@@ -105,11 +258,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     _enable_compilation_cache()
+    user_errors = _user_errors()
     try:
-        return args.func(args)
-    except config_lib.ConfigError as e:
-        print(f"g2vlm: {e}", file=sys.stderr)
-        return 2
+        watch = initialize_distributed(args) if hasattr(args, "distributed") else None
+        code = args.func(args)
+        if watch is not None:
+            watch.close()  # a clean finish, not a death, for the other processes
+        return code
+    except user_errors as e:
+        # Wrong config, missing file or data, unusable checkpoint: one line naming the problem and the
+        # fix, exit status 2. G2VLM_TRACEBACK=1 shows the traceback instead.
+        if os.environ.get("G2VLM_TRACEBACK"):
+            raise
+        print(f"g2vlm {getattr(args, 'command', '')}: {' '.join(str(e).split())}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
 
 
 if __name__ == "__main__":

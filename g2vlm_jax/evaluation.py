@@ -11,6 +11,7 @@ through the caller's logger, and pictures a person wants to look at (depth maps,
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -126,11 +127,19 @@ def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib
     from g2vlm_jax.training import state as state_lib
 
     run_dir = pathlib.Path(run_dir).absolute()
-    if not (run_dir / "checkpoints").is_dir():
-        raise FileNotFoundError(f"{run_dir} has no checkpoints/ directory; pass the run directory of a training run "
-                                "(--checkpoint runs/<experiment name>)")
+    params_only = (run_dir / "params").is_dir() and (run_dir / "metadata.json").is_file()
+    if not (run_dir / "checkpoints").is_dir() and not params_only:
+        raise FileNotFoundError(f"{run_dir} has neither a checkpoints/ directory nor params/ + metadata.json; pass the "
+                                "run directory of a training run (runs/<experiment name>) or a params-only checkpoint "
+                                "(g2vlm export / g2vlm convert)")
     mesh = sharding_lib.make_mesh(cfg.mesh)
     spec, state, shardings = state_lib.create_train_state(cfg, mesh)
+    if params_only:  # exported or converted weights: the experiment gives everything but the parameters
+        from g2vlm_jax.training import init as init_lib
+
+        cfg_from = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=str(run_dir)))
+        state = init_lib.initialise_from(state, cfg_from)
+        return run_evaluators(spec, cfg, state, run_dir, step=step or 0, write_pictures=True)
     manager = ckpt_lib.make_manager(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
     if step is None:
         restored = ckpt_lib.restore_latest(manager, state, shardings, cfg)

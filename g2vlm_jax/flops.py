@@ -35,6 +35,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from g2vlm_jax.batch import GEO_PATCH
 from g2vlm_jax.config import DinoConfig, ModelConfig, TextConfig, VitConfig
@@ -106,7 +107,10 @@ def heads_frame_flops(cfg: ModelConfig, hw: tuple[int, int]) -> float:
 # --------------------------------------------------------------------------------------------------
 # Allowed attention pairs
 # --------------------------------------------------------------------------------------------------
-_jit_mask = jax.jit(build_mask, static_argnames=("geo_mode",))
+def _host_mask(q: MaskInfo, k: MaskInfo, geo_mode: str, layer_idx) -> np.ndarray:
+    """`build_mask` evaluated on host numpy metadata. Not jitted: the group counts change from row to
+    row, so a jitted mask recompiled for almost every batch (about 1 s per step for the tiny config)."""
+    return np.asarray(build_mask(q, k, geo_mode, layer_idx))
 
 
 def _row(info: MaskInfo, b: int) -> MaskInfo:
@@ -118,7 +122,7 @@ def _pairs_dense(row: MaskInfo, num_sem: int, geo_mode: str, layer_idx, chunk: i
     counts = np.zeros(row.length, np.int64)
     for start in range(0, row.length, chunk):
         q = row.slice(start, min(start + chunk, row.length))
-        counts[start:start + q.length] = np.asarray(_jit_mask(q, row, geo_mode, layer_idx)).sum(axis=(0, 2))
+        counts[start:start + q.length] = np.asarray(_host_mask(q, row, geo_mode, layer_idx)).sum(axis=(0, 2))
     return int(counts[:num_sem].sum()), int(counts[num_sem:].sum())
 
 
@@ -164,8 +168,8 @@ def _group_counts(a, rep_slots, rep_order, n, expert, geo_mode, layer_idx) -> tu
                         geo_frame=a["geo_frame"][rep_slots][None])
 
     reps, later = info(rep_order), info(rep_order + 1)  # `later`: a token of the same group, after the rep
-    allowed = np.asarray(_jit_mask(reps, reps, geo_mode, layer_idx))[0].astype(np.int64)
-    sees_later = np.diag(np.asarray(_jit_mask(reps, later, geo_mode, layer_idx))[0]).astype(np.int64)
+    allowed = np.asarray(_host_mask(reps, reps, geo_mode, layer_idx))[0].astype(np.int64)
+    sees_later = np.diag(np.asarray(_host_mask(reps, later, geo_mode, layer_idx))[0]).astype(np.int64)
     cross = allowed * n[:, None] * n[None, :]
     np.fill_diagonal(cross, 0)
     within = np.diag(allowed) * n * (n + 1) // 2 + sees_later * n * (n - 1) // 2
@@ -274,6 +278,22 @@ def measure_matmul_flops(size: int = 1024, dtype=jnp.float32, repeats: int = 5) 
         matmul(x).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best
+
+
+def run_peak_flops() -> float:
+    """Peak FLOP/s of all devices of this run, the MFU denominator of the training logs.
+
+    TPU/GPU: the nominal bf16 peak of the device kind times the device count. CPU: the measured
+    matmul rate of one host times the process count (fake CPU devices share their host's cores).
+    0.0 (no MFU logged, with a warning) for an accelerator kind missing from `PEAK_BF16_FLOPS`.
+    """
+    if jax.default_backend() == "cpu":
+        return measure_matmul_flops() * jax.process_count()
+    try:
+        return peak_flops(jax.devices()[0].device_kind) * jax.device_count()
+    except ValueError as e:
+        logging.warning("MFU is not logged: %s", e)
+        return 0.0
 
 
 def mfu(flops_per_step: float, step_seconds: float, num_devices: int, peak_per_device: float) -> float:

@@ -25,3 +25,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax_compilation_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(tmp_path_factory):
+    """A run directory of `tiny_synthetic:test` trained 3 steps (checkpoint at step 3), for inference tests."""
+    from g2vlm_jax import config as C
+    from g2vlm_jax.training import loop
+
+    workdir = tmp_path_factory.mktemp("tiny_trained")
+    cfg = C.load_experiment(str(ROOT / "experiments/tiny_synthetic.py:test"), [f"workdir={workdir}"])
+    loop.train(cfg, stop_after_steps=3, run_final_eval=False)
+    return workdir

@@ -1,4 +1,5 @@
 """The `g2vlm` command line: listed subcommands exist and user errors are one-line messages."""
+import pathlib
 import subprocess
 import sys
 
@@ -6,21 +7,60 @@ import pytest
 
 from g2vlm_jax import cli
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 
 def test_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for command in ("train", "eval", "convert-data"):
+    for command in ("train", "eval", "convert-data", "reconstruct", "chat", "export", "convert"):
         assert command in out
 
 
-def test_config_error_is_one_line_and_exit_code_2(capsys):
-    code = cli.main(["train", "--experiment", "experiments/tiny_synthetic.py", "--set", "optim.bogus=1"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert err.startswith("g2vlm: config field 'optim.bogus': unknown key") and "\n" not in err
+TINY = "experiments/tiny_synthetic.py:test"
+MISSING_DATA_EXPERIMENT = """
+from g2vlm_jax import config as c
+import dataclasses
+
+def get_config(arg=""):
+    base = c.load_experiment("{root}/experiments/tiny_synthetic.py:test")
+    source = c.DataSource(name="npz_scenes", kind="recon", data_dir="{data_dir}")
+    return dataclasses.replace(base, data=dataclasses.replace(base.data, sources=(source,), eval_sources=(source,)))
+"""
+
+
+def _last_line(stderr: str) -> str:
+    """The error line (progress bars of dataset building may precede it on stderr)."""
+    return stderr.replace("\r", "\n").strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.bogus=1"], "config field 'optim.bogus': unknown key; valid keys here are"),
+    (["optim.total_steps=abc"], "optim.total_steps"),
+    (["model.geo_attention=diagonal"], "allowed values are ['global', 'frame', 'mixed', 'block_causal']"),
+    (["mesh.fsdp=3"], "mesh"),
+    (["optim.grad_accum_steps=3"], "not divisible by optim.grad_accum_steps=3"),
+])
+def test_config_errors_are_one_line_naming_the_fix(overrides, message, tmp_path, capsys):
+    argv = ["train", "--experiment", TINY, "--set", f"workdir={tmp_path}"]
+    for o in overrides:
+        argv += ["--set", o]
+    code = cli.main(argv)
+    err = _last_line(capsys.readouterr().err)
+    assert code == cli.USER_ERROR_EXIT_CODE, err
+    assert err.startswith("g2vlm train: ") and message in err, err
+
+
+def test_missing_experiment_and_data_are_one_line(tmp_path, capsys):
+    assert cli.main(["train", "--experiment", str(tmp_path / "nope.py")]) == 2
+    assert "nope.py" in capsys.readouterr().err
+    experiment = tmp_path / "missing_data.py"
+    experiment.write_text(MISSING_DATA_EXPERIMENT.format(root=ROOT, data_dir=tmp_path / "no_such_dir"))
+    assert cli.main(["train", "--experiment", str(experiment), "--set", f"workdir={tmp_path / 'run'}"]) == 2
+    err = _last_line(capsys.readouterr().err)
+    assert err.startswith("g2vlm train: cannot open 'npz_scenes'") and "g2vlm convert-data" in err
 
 
 def test_console_script_entry_point_runs():

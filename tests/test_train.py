@@ -84,6 +84,20 @@ def test_loss_falls_and_checkpoints_rotate(straight_run):
     assert metadata["model_fingerprint"] == C.model_fingerprint(cfg.model)
 
 
+def test_logs_carry_model_flops_and_mfu(straight_run):
+    from g2vlm_jax import flops
+    from g2vlm_jax.training import data as data_lib
+
+    cfg, result = straight_run
+    rows = [json.loads(line) for line in (result.workdir / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in rows if r["kind"] == "train"}
+    # The logged FLOPs of step 1 are the analytic count of step 1's batch.
+    first_batch = next(data_lib.make_train_iterator(cfg))
+    assert train[1]["flops"] == pytest.approx(flops.step_flops(cfg.model, first_batch).train_total, rel=1e-9)
+    for r in train.values():
+        assert 0.0 < r["mfu"] < 1.0, r
+
+
 def test_checkpoint_of_another_model_is_rejected(straight_run, tmp_path):
     cfg, result = straight_run
     other = dataclasses.replace(cfg, workdir=str(result.workdir),

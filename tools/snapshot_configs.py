@@ -12,7 +12,7 @@ from g2vlm_jax import config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "configs"
 # (experiment file, arg) pairs whose resolved configs are frozen.
-SNAPSHOTS = [("tiny_synthetic", ""), ("tiny_synthetic", "qa"), ("tiny_synthetic", "test"), ("g2vlm_2b_stage1a", ""), ("g2vlm_2b_stage1a", "v5p"),
+SNAPSHOTS = [("tiny_synthetic", ""), ("tiny_synthetic", "qa"), ("tiny_synthetic", "test"), ("tiny_synthetic", "qa_test"), ("g2vlm_2b_stage1a", ""), ("g2vlm_2b_stage1a", "v5p"),
              ("g2vlm_2b_stage1b", ""), ("g2vlm_2b_stage2", ""), ("g2vlm_2b_stage2_sr", ""),
              ("g2vlm_2b_stage2", "h100x8")]
 

@@ -7,11 +7,14 @@ for synthetic data, sorted scene/row order for converted data. Read them back wi
 """
 from __future__ import annotations
 
+import collections
 import inspect
+import json
 import pathlib
 from collections.abc import Callable
 
 import tensorflow_datasets as tfds
+import tqdm
 from etils import epath
 
 from data_pipelines import records
@@ -46,9 +49,66 @@ class SceneRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                              f"{self.builder_config!r}; data_pipelines.convert builds one for you")
         return self.builder_config
 
+    def _features(self) -> tfds.features.FeaturesDict:
+        """The record features (scene records; the VQA builder writes `records.vqa_features()`)."""
+        return records.scene_features()
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=(self.__doc__ or "").strip(),
-                                     features=records.scene_features(), disable_shuffling=True)
+                                     features=self._features(), disable_shuffling=True)
+
+
+class RowError(ValueError):
+    """A source row that cannot become a record; `reason` is a short stable string for counting."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class JsonlRowsBuilder(SceneRecordBuilder, skip_registration=True):
+    """A builder whose source is `<split>.jsonl` files of rows (or `config.files`), one record per row.
+
+    Subclasses define `row_to_record(row, root, row_id) -> dict`; a row raising RowError (or not
+    being JSON) is skipped and counted in `self.skipped` by reason.
+    """
+
+    ROW_KIND = "rows"  # shown in the progress bar
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.skipped: collections.Counter = collections.Counter()  # rows skipped in the last build, by reason
+
+    def _split_generators(self, dl_manager):
+        root = pathlib.Path(dl_manager.manual_dir)
+        name = self.CONFIG_CLASS.__name__
+        files = self.settings.files or tuple((s, f"{s}.jsonl") for s in SPLITS if (root / f"{s}.jsonl").is_file())
+        if not files:
+            raise ValueError(f"no rows to convert: give {name}.files or put <split>.jsonl in {root}")
+        for split, path in files:
+            if split not in SPLITS or not (root / path).is_file():
+                raise ValueError(f"{name}.files entry ({split!r}, {path!r}): split must be in {SPLITS} "
+                                 f"and the file must exist (relative paths are under {root})")
+        return {split: self._generate_examples(root, root / path) for split, path in files}
+
+    def _generate_examples(self, root: pathlib.Path, path: pathlib.Path):
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(tqdm.tqdm(lines, desc=f"{self.ROW_KIND} {path.name}", leave=False)):
+            if not line.strip():
+                continue
+            row_id = f"{path.stem}-{number}"
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise RowError("bad_json", "a row must be a JSON object")
+                record = self.row_to_record(row, root, row_id)
+            except json.JSONDecodeError:
+                self.skipped["bad_json"] += 1
+                continue
+            except RowError as e:
+                self.skipped[e.reason] += 1
+                continue
+            yield row_id, record
 
 
 def find_scene_dirs(root: pathlib.Path, is_scene: Callable[[pathlib.Path], bool], split: str,
@@ -95,14 +155,41 @@ class SceneSource:
         return records.record_to_scene(self.records[index], strict=self.strict)
 
 
-def open_scenes(name: str, *, split: str, data_dir: str | pathlib.Path, strict: bool = True,
-                builder_kwargs: dict | None = None) -> SceneSource:
-    """Opens '<builder>/<config>' (ArrayRecord, no TensorFlow). Registered builders that can build
-    offline (the synthetic ones) are built on first use; converted datasets must exist already."""
+def _data_source(name: str, split: str, data_dir, builder_kwargs: dict | None, vqa: bool):
+    """tfds.data_source of '<builder>/<config>', checked to hold scene records (vqa=False) or VQA records."""
     try:
         source = tfds.data_source(name, split=split, data_dir=str(data_dir), builder_kwargs=builder_kwargs)
     except ValueError as e:
         raise ValueError(f"cannot open {name!r} split {split!r} under {data_dir}: {e}\nConverted datasets "
-                         "(npz_scenes, scannet_scenes, spar_qa) must be written first with data_pipelines.convert "
-                         "(g2vlm convert-data).") from e
-    return SceneSource(source, strict=strict)
+                         "(npz_scenes, scannet_scenes, spar_qa, vqa_samples) must be written first with "
+                         "data_pipelines.convert (g2vlm convert-data).") from e
+    holds_vqa = "roles" in source.dataset_info.features.keys()
+    if holds_vqa != vqa:
+        what, kind = ("VQA", "'vqa'") if holds_vqa else ("scene", "'recon' or 'recon_qa'")
+        raise ValueError(f"{name!r} holds {what} records; read it as a DataSource of kind {kind}")
+    return source
+
+
+def open_scenes(name: str, *, split: str, data_dir: str | pathlib.Path, strict: bool = True,
+                builder_kwargs: dict | None = None) -> SceneSource:
+    """Opens '<builder>/<config>' (ArrayRecord, no TensorFlow). Registered builders that can build
+    offline (the synthetic ones) are built on first use; converted datasets must exist already."""
+    return SceneSource(_data_source(name, split, data_dir, builder_kwargs, vqa=False), strict=strict)
+
+
+class VqaSource:
+    """Random-access decoded general-VQA samples of one split: `len(src)`, `src[i] -> records.VQASample`."""
+
+    def __init__(self, records_source):
+        self.records = records_source
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        return records.record_to_vqa(self.records[index])
+
+
+def open_vqa(name: str, *, split: str, data_dir: str | pathlib.Path) -> VqaSource:
+    """Opens a converted VQA dataset ('vqa_samples/<name>', see `data_pipelines.convert.convert_vqa`)."""
+    return VqaSource(_data_source(name, split, data_dir, None, vqa=True))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -51,13 +52,24 @@ def read_npz_scene(scene_dir: str | pathlib.Path, *, dataset: str = "npz", z_far
                    normal_loss: bool = False) -> Scene:
     """Reads one scene folder (layout in the module docstring) into a Scene; ValueError names what is wrong."""
     scene_dir = pathlib.Path(scene_dir)
-    with np.load(scene_dir / "condition.npz") as npz:
-        missing = sorted({"depths", "poses", "intrinsics"} - set(npz.files))
-        if missing:
-            raise ValueError(f"{scene_dir}/condition.npz lacks {missing} (has {sorted(npz.files)})")
-        depth = npz["depths"].astype(np.float32)
-        c2w = npz["poses"].astype(np.float32)
-        intrinsics = npz["intrinsics"].astype(np.float32)
+    path = scene_dir / "condition.npz"
+    try:
+        # Never unpickle: an npz holding object arrays (pickles) can run code when loaded.
+        with np.load(path, allow_pickle=False) as npz:
+            missing = sorted({"depths", "poses", "intrinsics"} - set(npz.files))
+            if missing:
+                raise ValueError(f"{path} lacks {missing} (has {sorted(npz.files)})")
+            depth = npz["depths"].astype(np.float32)
+            c2w = npz["poses"].astype(np.float32)
+            intrinsics = npz["intrinsics"].astype(np.float32)
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable .npz archive ({type(e).__name__}: {e}); write it with "
+                         "numpy.savez(depths=..., poses=..., intrinsics=...)") from e
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise
+        raise ValueError(f"{path} holds pickled object arrays, which g2vlm never loads; save plain numeric arrays "
+                         "with numpy.savez(depths=..., poses=..., intrinsics=...)") from e
     if depth.ndim != 3 or c2w.shape != (len(depth), 4, 4):
         raise ValueError(f"{scene_dir}/condition.npz: depths {depth.shape} must be [V, H, W] and poses "
                          f"{c2w.shape} [V, 4, 4]")

@@ -27,7 +27,6 @@ QAPair.views is every image of the row, in order. Bad rows are skipped and count
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import pathlib
@@ -35,11 +34,10 @@ import re
 
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
 from PIL import Image
 
 from data_pipelines import records
-from data_pipelines.builders.base import SPLITS, SceneRecordBuilder
+from data_pipelines.builders.base import JsonlRowsBuilder, RowError
 from data_pipelines.scene import QAPair, Scene
 
 _COLOUR_POINTS = ("red", "blue", "green", "yellow")
@@ -55,14 +53,6 @@ class SparQaConfig(tfds.core.BuilderConfig):
     normal_loss: bool = False  # 'spar' is not in the official normal-loss dataset lists
     depth_scale: float = 0.001
     image_format: str = "jpeg"
-
-
-class RowError(ValueError):
-    """A row that cannot become a record; `reason` is a short stable string for counting."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
 
 
 def _matrices(value, size: int, count: int, what: str) -> np.ndarray:
@@ -176,45 +166,16 @@ def row_to_scene(row: dict, root: pathlib.Path, row_id: str, cfg: SparQaConfig) 
                  c2w=c2w.astype(np.float32), z_far=cfg.z_far, normal_loss=cfg.normal_loss, qa=(qa,))
 
 
-class SparQa(SceneRecordBuilder):
+class SparQa(JsonlRowsBuilder):
     """SPAR-style spatial QA: each jsonl row (images, depth, poses, question, answer) is one record."""
 
     CONFIG_CLASS = SparQaConfig
+    ROW_KIND = "spar"
     MANUAL_DOWNLOAD_INSTRUCTIONS = ("Pass the folder that image/depth paths are relative to as manual_dir; "
                                     "rows come from <split>.jsonl there or from SparQaConfig.files.")
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.skipped: collections.Counter = collections.Counter()  # rows skipped in the last build, by reason
-
-    def _split_generators(self, dl_manager):
+    def row_to_record(self, row: dict, root: pathlib.Path, row_id: str) -> dict:
         cfg = self.settings
-        root = pathlib.Path(dl_manager.manual_dir)
-        files = cfg.files or tuple((s, f"{s}.jsonl") for s in SPLITS if (root / f"{s}.jsonl").is_file())
-        if not files:
-            raise ValueError(f"no rows to convert: give SparQaConfig.files or put <split>.jsonl in {root}")
-        for split, path in files:
-            if split not in SPLITS or not (root / path).is_file():
-                raise ValueError(f"SparQaConfig.files entry ({split!r}, {path!r}): split must be in {SPLITS} "
-                                 f"and the file must exist (relative paths are under {root})")
-        return {split: self._generate_examples(root, root / path) for split, path in files}
-
-    def _generate_examples(self, root: pathlib.Path, path: pathlib.Path):
-        cfg = self.settings
-        lines = path.read_text().splitlines()
-        for number, line in enumerate(tqdm.tqdm(lines, desc=f"spar {path.name}", leave=False)):
-            if not line.strip():
-                continue
-            row_id = f"{path.stem}-{number}"
-            try:
-                row = json.loads(line)
-                scene = row_to_scene(row, root, row_id, cfg)
-                record = records.scene_to_record(scene, image_format=cfg.image_format, depth_codec="png16",
-                                                 depth_scale=float(row.get("depth_scale", cfg.depth_scale)))
-            except json.JSONDecodeError:
-                self.skipped["bad_json"] += 1
-                continue
-            except RowError as e:
-                self.skipped[e.reason] += 1
-                continue
-            yield row_id, record
+        scene = row_to_scene(row, root, row_id, cfg)
+        return records.scene_to_record(scene, image_format=cfg.image_format, depth_codec="png16",
+                                       depth_scale=float(row.get("depth_scale", cfg.depth_scale)))

@@ -72,14 +72,17 @@ def bicubic_aa_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 def interpolate_pos_embed(grid_embed: jax.Array, h: int, w: int) -> jax.Array:
-    """Resizes a learned position grid float[G, G, C] to float[h, w, C] (in fp32); identity at (G, G)."""
+    """Resizes a learned position grid [G, G, C] to float32[h, w, C]; identity at (G, G).
+
+    Computed and returned in fp32 whatever the parameter dtype (the caller casts to the compute
+    dtype, as HF DINOv2 does), so bf16 master weights lose no more than one final rounding.
+    """
     g = grid_embed.shape[0]
     if (h, w) == (g, g):
-        return grid_embed
+        return grid_embed.astype(jnp.float32)
     mh = jnp.asarray(bicubic_aa_matrix(g, h), jnp.float32)
     mw = jnp.asarray(bicubic_aa_matrix(g, w), jnp.float32)
-    out = jnp.einsum("hi,ijc,wj->hwc", mh, grid_embed.astype(jnp.float32), mw, precision=jax.lax.Precision.HIGHEST)
-    return out.astype(grid_embed.dtype)
+    return jnp.einsum("hi,ijc,wj->hwc", mh, grid_embed.astype(jnp.float32), mw, precision=jax.lax.Precision.HIGHEST)
 
 
 class Dinov2PatchEmbeddings(nnx.Module):
@@ -112,7 +115,7 @@ class Dinov2Embeddings(nnx.Module):
         pos = self.position_embeddings.get_value()[0]
         grid = pos[1:].reshape(self.pos_grid, self.pos_grid, -1)
         patches = interpolate_pos_embed(grid, h, w).reshape(h * w, -1)
-        return jnp.concatenate([pos[:1], patches], axis=0)
+        return jnp.concatenate([pos[:1].astype(jnp.float32), patches], axis=0)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """images: float[N, H, W, 3] normalised -> float[N, 1 + R + h*w, C] = [CLS, registers, patches]."""

@@ -18,6 +18,7 @@ from absl import logging
 
 from g2vlm_jax import checkpoint as ckpt_lib
 from g2vlm_jax import config as config_lib
+from g2vlm_jax import flops as flops_lib
 from g2vlm_jax import sharding as sharding_lib
 from g2vlm_jax.training import data as data_lib
 from g2vlm_jax.training import init as init_lib
@@ -75,18 +76,18 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
     workdir = cfg.run_dir
     workdir.mkdir(parents=True, exist_ok=True)
 
+    # ---- Data (first: a missing dataset fails before any device memory is spent) ----------------
+    train_iter = data_lib.make_train_iterator(cfg)
+
     # ---- Mesh and sharded state -------------------------------------------------------------
     mesh = sharding_lib.make_mesh(cfg.mesh)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     spec, state, shardings = state_lib.create_train_state(cfg, mesh)
     batch_sharding = sharding_lib.batch_sharding(mesh)
 
-    # ---- Data ----------------------------------------------------------------------------------
-    train_iter = data_lib.make_train_iterator(cfg)
-
     # ---- Resume, or initialise from an earlier stage -----------------------------------------
     manager = ckpt_lib.make_manager(workdir / "checkpoints", cfg.checkpoint)
-    restored = ckpt_lib.restore_latest(manager, state, shardings, cfg)
+    restored = ckpt_lib.restore_latest(manager, state, shardings, cfg, set_aside_unreadable=True)
     if restored is not None:
         start_step, state, data_state = restored
         train_iter.set_state(data_state)
@@ -99,7 +100,7 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
     schedule = optim_lib.learning_rate_schedule(cfg.optim)
 
     # ---- Steps ---------------------------------------------------------------------------------
-    logger = MetricLogger(workdir, cfg.log_every)
+    logger = MetricLogger(workdir, cfg.log_every, peak_flops_per_second=flops_lib.run_peak_flops())
     watcher = PreemptionWatcher(cfg.checkpoint.save_on_preemption)
     end_step = cfg.optim.total_steps if stop_after_steps is None else min(cfg.optim.total_steps,
                                                                            start_step + stop_after_steps)
@@ -109,23 +110,29 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
     tracing = False
     last_metrics: dict = {}
     preempted = False
-    step = start_step
+    step = last_saved = start_step
     try:
         while step < end_step:
             tracing = _toggle_profiler(cfg, step, tracing, workdir)
-            batch = data_lib.to_global(next(train_iter), batch_sharding)
+            host_batch = next(train_iter)
+            batch = data_lib.to_global(host_batch, batch_sharding)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = step_fn(state, batch)
+            # Model FLOPs of the global step, counted on the host while the device runs the step
+            # (this process's packs times the process count: every process draws alike packs).
+            step_flops = flops_lib.step_flops(cfg.model, host_batch).train_total * jax.process_count()
             step += 1
             if pending is not None:
                 last_metrics = _log(logger, pending, schedule, cfg)
-            pending = (step, metrics)
+            pending = (step, metrics, step_flops)
             if step % cfg.checkpoint.every_steps == 0 or step == end_step:
                 ckpt_lib.save(manager, step, state, train_iter.get_state(), cfg)
+                last_saved = step
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end_step:
                 _evaluate(spec, cfg, state, workdir, logger, step, final=False)
             if watcher.should_stop():
-                ckpt_lib.save(manager, step, state, train_iter.get_state(), cfg, force=True)
+                if last_saved != step:  # this step may have just been saved by the schedule above
+                    ckpt_lib.save(manager, step, state, train_iter.get_state(), cfg, force=True)
                 preempted = True
                 break
         if pending is not None:
@@ -160,7 +167,7 @@ def _toggle_profiler(cfg: config_lib.ExperimentConfig, step: int, tracing: bool,
 
 def _log(logger: MetricLogger, pending, schedule, cfg: config_lib.ExperimentConfig, force: bool = False) -> dict:
     """Fetches the previous step's metrics, logs them and enforces the non-finite limit."""
-    step, metrics = pending
+    step, metrics, step_flops = pending
     host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
     if host["nonfinite_streak"] >= cfg.optim.max_nonfinite_steps:
         raise NonFiniteTrainingError(
@@ -170,7 +177,7 @@ def _log(logger: MetricLogger, pending, schedule, cfg: config_lib.ExperimentConf
     if not host["finite"]:
         logging.warning("step %d: non-finite loss/gradient, update skipped (streak %d)", step,
                         int(host["nonfinite_streak"]))
-    logger.record(step, host, {"lr": float(schedule(step - 1))}, force=force)
+    logger.record(step, host, {"lr": float(schedule(step - 1)), "flops": step_flops}, force=force)
     return host
 
 

@@ -1,0 +1,191 @@
+"""`g2vlm reconstruct`: a folder of images -> coloured point cloud, depth maps, cameras (SPEC 4).
+
+The official inference layout: the causal prompt "Reconstruct the 3D scene." followed by every frame
+in one bidirectional geometry chunk (data_pipelines/sequence.recon_sample), one forward pass, the
+heads' local points (depth = local z), camera-to-world poses and world points. Intrinsics are
+recovered from the local points by least squares (`geometry.recover_intrinsics`).
+
+Images are resized to `width` pixels wide keeping the first image's aspect ratio, then each side is
+floored to a multiple of 14 (bilinear with antialiasing, as the official loader). Every image is
+resized to the first one's size.
+
+Output directory:
+    points.ply          binary little-endian PLY: x y z (float32) red green blue (uchar); finite points only
+    scene.glb           the same point cloud plus one wireframe frustum per camera (glTF binary)
+    depth/NNNN.png      16-bit depth in millimetres (0 = no value / non-finite), `depth_png_scale` in cameras.json
+    depth/NNNN.npy      float32 depth (model units; metres for a metric model)
+    cameras.json        per view: image, width, height, c2w [4][4] (OpenCV axes), intrinsics [3][3]
+                        (pixel-index convention, u = fx x / z + cx); plus point counts
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import numpy as np
+from absl import logging
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from g2vlm_jax import geometry
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+DEPTH_PNG_SCALE = 1000.0  # depth PNG units per model unit (millimetres for metric depth)
+FRUSTUM_DEPTH = 0.1  # frustum length as a fraction of the scene extent
+
+
+def list_images(folder: str | pathlib.Path) -> list[pathlib.Path]:
+    """Image files of `folder` in natural order (2.png before 10.png)."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--images {folder} is not a directory of images")
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise FileNotFoundError(f"--images {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    return sorted(files, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
+
+
+def load_images(files: list[pathlib.Path], width: int) -> np.ndarray:
+    """Images resized to `width` (aspect of the first image), sides floored to multiples of 14 -> uint8[V, H, W, 3]."""
+    out, size = [], None
+    for f in files:
+        try:
+            img = Image.open(f)
+            img.load()
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"image {f} cannot be decoded ({e}); remove or replace it") from e
+        img = img.convert("RGB")
+        if size is None:
+            h = img.height * width / img.width
+            size = (max(14, width // 14 * 14), max(14, int(h) // 14 * 14))
+        out.append(np.asarray(img.resize(size, Image.BILINEAR)))
+    return np.stack(out)
+
+
+def recon_batch(tok, images: np.ndarray):
+    """The one-row PackedBatch of the reconstruction layout for uint8 images [V, H, W, 3]."""
+    from data_pipelines import sequence
+    from g2vlm_jax.inference.generate import pack_single_samples
+
+    v, h, w = images.shape[:3]
+    sample = sequence.recon_sample(tok, v, h, w)
+    geo = (images.astype(np.float32) / 255.0)[None]
+    return pack_single_samples([sample], geo, np.zeros((1, 0, 28, 28, 3), np.float32))
+
+
+def predict(model, tok, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Runs the model once; returns float64 local_points / world_points [V, H, W, 3], c2w [V, 4, 4]."""
+    import jax
+    from flax import nnx
+
+    batch = jax.tree.map(np.asarray, recon_batch(tok, images))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, batch):
+        out = nnx.merge(graphdef, state)(batch, compute_logits=False, global_points=False)
+        return {k: out.geometry[k][0, 0] for k in ("local_points", "world_points", "camera_poses")}
+
+    geo = jax.device_get(forward(state, batch))
+    return {"local_points": np.asarray(geo["local_points"], np.float64),
+            "world_points": np.asarray(geo["world_points"], np.float64),
+            "c2w": np.asarray(geo["camera_poses"], np.float64)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Writers
+# --------------------------------------------------------------------------------------------------
+def write_ply(path: pathlib.Path, points: np.ndarray, colors: np.ndarray) -> None:
+    """points float[N, 3], colors uint8[N, 3] -> binary little-endian PLY."""
+    header = ("ply\nformat binary_little_endian 1.0\n"
+              f"element vertex {len(points)}\n"
+              "property float x\nproperty float y\nproperty float z\n"
+              "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
+    rec = np.empty(len(points), dtype=[("xyz", "<f4", 3), ("rgb", "u1", 3)])
+    rec["xyz"], rec["rgb"] = points, colors
+    with open(path, "wb") as f:
+        f.write(header.encode("ascii"))
+        f.write(rec.tobytes())
+
+
+def read_ply(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `write_ply` -> (points float32[N, 3], colors uint8[N, 3])."""
+    data = pathlib.Path(path).read_bytes()
+    end = data.index(b"end_header\n") + len(b"end_header\n")
+    header = data[:end].decode("ascii")
+    n = int(re.search(r"element vertex (\d+)", header).group(1))
+    rec = np.frombuffer(data[end:], dtype=[("xyz", "<f4", 3), ("rgb", "u1", 3)], count=n)
+    return rec["xyz"].copy(), rec["rgb"].copy()
+
+
+def frustum_segments(c2w: np.ndarray, k: np.ndarray, height: int, width: int, depth: float) -> np.ndarray:
+    """Line segments [8, 2, 3] of a camera frustum (apex to 4 image corners, and the image rectangle)."""
+    corners = np.array([[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]], np.float64)
+    rays = np.stack([(corners[:, 0] - k[0, 2]) / k[0, 0], (corners[:, 1] - k[1, 2]) / k[1, 1], np.ones(4)], -1)
+    far = geometry.transform_points(c2w, rays * depth)
+    apex = c2w[:3, 3]
+    sides = [np.stack([apex, far[i]]) for i in range(4)]
+    rim = [np.stack([far[i], far[(i + 1) % 4]]) for i in range(4)]
+    return np.stack(sides + rim)
+
+
+def write_glb(path: pathlib.Path, points: np.ndarray, colors: np.ndarray, c2w: np.ndarray, intrinsics: np.ndarray,
+              height: int, width: int) -> None:
+    import trimesh
+
+    scene = trimesh.Scene()
+    scene.add_geometry(trimesh.PointCloud(points, colors=np.concatenate([colors, np.full((len(colors), 1), 255, np.uint8)], 1)),
+                       geom_name="points")
+    extent = float(np.ptp(points, axis=0).max()) if len(points) else 1.0
+    for i, (pose, k) in enumerate(zip(c2w, intrinsics)):
+        segments = frustum_segments(pose, k, height, width, FRUSTUM_DEPTH * extent)
+        scene.add_geometry(trimesh.load_path(segments), geom_name=f"camera_{i:04d}")
+    path.write_bytes(scene.export(file_type="glb"))
+
+
+def write_reconstruction(out_dir: str | pathlib.Path, images: np.ndarray, world_points: np.ndarray,
+                         depth: np.ndarray, c2w: np.ndarray, intrinsics: np.ndarray,
+                         names: list[str]) -> dict:
+    """Writes the output directory of the module docstring; returns the cameras.json content.
+
+    images uint8[V, H, W, 3]; world_points [V, H, W, 3]; depth [V, H, W]; c2w [V, 4, 4]; intrinsics [V, 3, 3].
+    Non-finite points (and depth <= 0) are dropped from the point cloud and counted.
+    """
+    out = pathlib.Path(out_dir)
+    (out / "depth").mkdir(parents=True, exist_ok=True)
+    v, h, w = images.shape[:3]
+    keep = np.isfinite(world_points).all(-1) & np.isfinite(depth) & (depth > 0)
+    points, colors = world_points[keep].astype(np.float32), images[keep]
+    dropped = int(keep.size - keep.sum())
+    if dropped:
+        logging.warning("reconstruct: dropped %d non-finite or non-positive-depth points of %d", dropped, keep.size)
+    steps = tqdm(total=v + 2, desc="writing", unit="file")
+    for i in range(v):
+        d = np.where(np.isfinite(depth[i]) & (depth[i] > 0), depth[i], 0.0)
+        np.save(out / "depth" / f"{i:04d}.npy", d.astype(np.float32))
+        mm = np.clip(np.round(d * DEPTH_PNG_SCALE), 0, 65535).astype(np.uint16)
+        Image.fromarray(mm).save(out / "depth" / f"{i:04d}.png")
+        steps.update()
+    write_ply(out / "points.ply", points, colors)
+    steps.update()
+    write_glb(out / "scene.glb", points, colors, c2w, intrinsics, h, w)
+    steps.update()
+    steps.close()
+    cameras = {"depth_png_scale": DEPTH_PNG_SCALE, "num_points": int(len(points)), "dropped_points": dropped,
+               "views": [{"image": names[i], "width": w, "height": h, "c2w": c2w[i].tolist(),
+                          "intrinsics": intrinsics[i].tolist()} for i in range(v)]}
+    (out / "cameras.json").write_text(json.dumps(cameras, indent=1))
+    return cameras
+
+
+def reconstruct(model, tok, image_folder: str | pathlib.Path, out_dir: str | pathlib.Path, *, width: int) -> dict:
+    """The whole tool: load, predict, recover intrinsics, write. Returns the cameras.json content."""
+    files = list_images(image_folder)
+    images = load_images(files, width)
+    logging.info("reconstruct: %d views at %dx%d", len(files), images.shape[2], images.shape[1])
+    pred = predict(model, tok, images)
+    depth = pred["local_points"][..., 2]
+    intrinsics = geometry.recover_intrinsics(pred["local_points"])
+    return write_reconstruction(out_dir, images, pred["world_points"], depth, pred["c2w"], intrinsics,
+                                [f.name for f in files])

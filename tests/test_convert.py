@@ -1,0 +1,226 @@
+"""Official weights: name/layout round trip, official-layout directories, config JSONs, errors, export."""
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from g2vlm_jax import checkpoint as ckpt_lib
+from g2vlm_jax import cli, convert
+from g2vlm_jax import config as C
+from g2vlm_jax.inference import load
+from g2vlm_jax.model.g2vlm import G2VLM, parameter_counts
+from tests import model_batches
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "encoders"
+
+
+def _flat(model) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in ckpt_lib.flat_params(nnx.state(model, nnx.Param)).items()}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = G2VLM(C.tiny_model(), rngs=nnx.Rngs(7))
+    # Non-trivial values everywhere (zero-initialised dino2llm, unit norms) so a swapped tensor shows.
+    for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
+        var.set_value(var.get_value() + 0.01 * jax.random.normal(jax.random.key(i), var.get_value().shape))
+    return model
+
+
+@pytest.fixture(scope="module")
+def official_f32(tiny):
+    return convert.to_official(tiny)
+
+
+def test_round_trip_is_bitwise(tiny, official_f32):
+    back = convert.from_official(official_f32, tiny.cfg)
+    a, b = _flat(tiny), _flat(back)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert b[name].dtype == np.float32
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # Every parameter is exported once: the counts agree (plus the DINO mask token), and the abstract
+    # shape table is exactly what to_official writes.
+    assert sum(v.size for v in official_f32.values()) == parameter_counts(tiny.cfg)["total"] + tiny.cfg.dino.hidden_size
+    assert convert.official_shapes(tiny.cfg) == {k: v.shape for k, v in official_f32.items()}
+
+
+def test_official_names_and_layouts(tiny, official_f32):
+    t = tiny.cfg.text
+    assert official_f32["language_model.model.layers.1.self_attn.q_proj_moe_geo.weight"].shape == (
+        t.num_heads * t.head_dim, t.hidden_size)
+    assert official_f32["language_model.lm_head.weight"].shape == (t.vocab_size, t.hidden_size)
+    # Layer 1 of the stacked kernel is official layer 1, transposed.
+    ours = np.asarray(tiny.language_model.layers.mlp_moe_geo.down_proj.kernel[...])[1]
+    np.testing.assert_array_equal(official_f32["language_model.model.layers.1.mlp_moe_geo.down_proj.weight"], ours.T)
+    # Encoder names and shapes equal those of the official torch modules (tests/golden/encoders).
+    for file, prefix in (("vit_golden.npz", "vit_model."), ("dino_golden.npz", "dino_model.")):
+        golden = np.load(GOLDEN / file)
+        names = [k[2:] for k in golden.files if k.startswith("w:")]
+        assert names
+        for name in names:
+            assert official_f32[prefix + name].shape == golden["w:" + name].shape, name
+
+
+def _bf16_rounded(model: G2VLM) -> G2VLM:
+    """`model` with every parameter rounded to bf16 (kept in float32)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(a.dtype), params)
+    return nnx.merge(graphdef, params, rest)
+
+
+def _forward(model: G2VLM, batch):
+    graphdef, state = nnx.split(model)
+    return model_batches.fast_jit(lambda s, b: nnx.merge(graphdef, s)(b))(state, batch)
+
+
+def test_official_directory_converts_and_runs(tiny, tmp_path):
+    src = convert.write_official_dir(tiny, tmp_path / "official")
+    assert sorted(p.name for p in src.iterdir()) == ["dino_config.json", "model.safetensors", "text_config.json",
+                                                     "vit_config.json"]
+    tensors = load_file(str(src / "model.safetensors"))
+    assert all(v.dtype == ml_dtypes.bfloat16 for v in tensors.values())
+    assert tensors.keys() == convert.official_shapes(tiny.cfg).keys()
+    assert set(json.loads((src / "text_config.json").read_text())) >= {"hidden_size", "rope_scaling", "g2vlm_heads"}
+    assert cli.main(["convert", "--official", str(src), "--out", str(tmp_path / "ours")]) == 0
+    cfg, model = load.load_model(tmp_path / "ours", ["model.compute_dtype=float32"])
+    assert cfg.model.text == tiny.cfg.text and cfg.model.heads == tiny.cfg.heads and cfg.model.param_dtype == "bfloat16"
+    # The converted model is the original with bf16-rounded weights: same forward to float32 accuracy.
+    batch = model_batches.standard_batch()
+    got, want = _forward(model, batch), _forward(_bf16_rounded(tiny), batch)
+    assert np.isfinite(np.asarray(got.logits)).all()
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=1e-5)
+    for key in ("camera_poses", "local_points"):
+        np.testing.assert_allclose(np.asarray(got.geometry[key]), np.asarray(want.geometry[key]), atol=1e-5)
+    # And back: our checkpoint -> the official layout reproduces the downloaded tensors bitwise.
+    assert cli.main(["convert", "--to-official", "--checkpoint", str(tmp_path / "ours"),
+                     "--out", str(tmp_path / "again")]) == 0
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert again.keys() == tensors.keys()
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(again[name], value, err_msg=name)
+    for name in convert.CONFIG_FILES:
+        assert json.loads((tmp_path / "again" / name).read_text()) == json.loads((src / name).read_text())
+
+
+def test_sharded_directory_reads_like_one_file(tiny, official_f32, tmp_path):
+    names = sorted(official_f32)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in halves.items():
+        save_file({n: official_f32[n] for n in part}, str(tmp_path / file))
+    weight_map = {n: file for file, part in halves.items() for n in part}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for name, content in convert.official_config_files(tiny.cfg).items():
+        (tmp_path / name).write_text(json.dumps(content))
+    cfg, model = convert.load_official_dir(tmp_path)
+    for section in ("text", "vit", "dino", "heads", "use_vit"):
+        assert getattr(cfg, section) == getattr(tiny.cfg, section), section
+    want = _flat(tiny)
+    for name, value in _flat(model).items():
+        np.testing.assert_array_equal(value, want[name], err_msg=name)
+
+
+def test_bad_tensors_are_named(tiny, official_f32):
+    missing = dict(official_f32)
+    del missing["language_model.model.layers.0.ls1.gamma"]
+    with pytest.raises(ValueError, match="missing official tensors: language_model.model.layers.0.ls1.gamma;"):
+        convert.from_official(missing, tiny.cfg)
+    many = {k: v for k, v in official_f32.items() if not k.startswith("language_model.model.layers.1.")}
+    count = len(official_f32) - len(many)
+    with pytest.raises(ValueError, match=rf"missing official tensors: (\S+, ){{10}}\.\.\. \({count} in all\)"):
+        convert.from_official(many, tiny.cfg)
+    for name in ("point_decoder.extra.weight", "language_model.model.layers.9.mlp.up_proj.weight"):
+        with pytest.raises(ValueError, match=f"unexpected official tensors: {name};"):
+            convert.from_official({**official_f32, name: np.zeros(3, np.float32)}, tiny.cfg)
+    # Training-only tensors of the official module are skipped, not unexpected.
+    convert.check_state_dict({**official_f32, "Pi3Loss.point_loss.segformer.w": np.zeros(2, np.float32)}, tiny.cfg)
+    wrong = {**official_f32, "dino2llm.bias": np.zeros(5, np.float32),
+             "language_model.model.layers.1.mlp.down_proj.weight": np.zeros((3, 4), np.float32)}
+    with pytest.raises(ValueError, match=r"misshapen official tensors: dino2llm.bias \(5,\) \(expected \(64,\)\), "
+                                         r"language_model.model.layers.1.mlp.down_proj.weight \(3, 4\) "
+                                         r"\(expected \(64, 128\)\);"):
+        convert.from_official(wrong, tiny.cfg)
+
+
+def test_bad_directories_are_named(tiny, tmp_path, capsys):
+    src = tmp_path / "official"
+    src.mkdir()
+    for name, content in convert.official_config_files(tiny.cfg).items():
+        (src / name).write_text(json.dumps(content))
+    (src / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ValueError, match="model.safetensors is missing; pytorch_model.bin are pickle files, which "
+                                         "g2vlm never loads"):
+        convert.read_official_dir(src)
+    (src / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        convert.read_official_dir(src)
+    good_text = (src / "text_config.json").read_text()
+    text = json.loads(good_text)
+    del text["num_key_value_heads"]
+    (src / "text_config.json").write_text(json.dumps(text))
+    with pytest.raises(ValueError, match="text_config.json has no 'num_key_value_heads'"):
+        convert.config_from_official(src)
+    # Through the CLI: one line naming the problem, exit status 2.
+    assert cli.main(["convert", "--official", str(src), "--out", str(tmp_path / "ours")]) == 2
+    assert "text_config.json has no 'num_key_value_heads'" in capsys.readouterr().err
+    (src / "text_config.json").write_text(json.dumps({**json.loads(good_text), "hidden_act": "gelu"}))
+    with pytest.raises(ValueError, match="text_config.json: hidden_act='gelu' is not supported"):
+        convert.config_from_official(src)
+    (src / "dino_config.json").unlink()
+    with pytest.raises(ValueError, match="dino_config.json is missing"):
+        convert.config_from_official(src)
+
+
+def test_2b_config_from_official_jsons(tmp_path):
+    cfg = C.g2vlm_2b_model()
+    files = convert.official_config_files(cfg)
+    # The official 2B release carries no head sizes, no head_dim and no vit patch_size: SPEC values are used.
+    assert "g2vlm_heads" not in files["text_config.json"] and "g2vlm_use_vit" not in files["text_config.json"]
+    del files["text_config.json"]["head_dim"], files["vit_config.json"]["patch_size"]
+    for name, content in files.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    back = convert.config_from_official(tmp_path)
+    for section in ("text", "vit", "dino", "heads"):
+        assert getattr(back, section) == getattr(cfg, section), section
+    assert back == cfg
+    # The 2B official tensors, abstractly (nothing allocated): ~4.54 B values under the SPEC 1.7 names.
+    shapes = convert.official_shapes(cfg)
+    assert sum(int(np.prod(s)) for s in shapes.values()) == parameter_counts(cfg)["total"] + 1024
+    assert shapes["vit_model.patch_embed.proj.weight"] == (1280, 3, 2, 14, 14)
+    assert shapes["vit_model.merger.mlp.2.weight"] == (1536, 5120)
+    assert shapes["dino_model.embeddings.position_embeddings"] == (1, 1370, 1024)
+    assert shapes["language_model.model.layers.27.self_attn.k_proj_moe_geo.weight"] == (256, 1536)
+    assert shapes["camera_head.fc_rot.weight"] == (9, 512)
+
+
+def test_export_writes_bf16_params_only(tiny_trained_run, tmp_path, capsys):
+    experiment = str(ROOT / "experiments/tiny_synthetic.py:test")
+    assert cli.main(["export", "--experiment", experiment, "--checkpoint", str(tiny_trained_run),
+                     "--out", str(tmp_path / "export"), "--official"]) == 0
+    params, metadata = ckpt_lib.load_params(tmp_path / "export")
+    assert metadata["dtype"] == "bfloat16" and metadata["config"]["model"]["param_dtype"] == "bfloat16"
+    assert all(np.asarray(v).dtype == ml_dtypes.bfloat16 for v in params.values())
+    cfg, trained = load.load_model(tiny_trained_run)
+    ours = _flat(trained)
+    assert params.keys() == ours.keys()
+    for name in ours:
+        np.testing.assert_array_equal(np.asarray(params[name]), ours[name].astype(ml_dtypes.bfloat16), err_msg=name)
+    # The official layout of a reconstruction-only model (no ViT) reads back into the same model.
+    official_cfg, official = convert.load_official_dir(tmp_path / "export" / "official")
+    assert not official_cfg.use_vit and official_cfg.text == cfg.model.text
+    np.testing.assert_array_equal(_flat(official)["dino2llm/kernel"],
+                                  ours["dino2llm/kernel"].astype(ml_dtypes.bfloat16).astype(np.float32))
+    # The exported checkpoint serves: same model, loaded in bf16.
+    _, served = load.load_model(tmp_path / "export")
+    assert served.cfg.param_dtype == "bfloat16"
+    # An experiment of another shape is refused, naming the differing section.
+    assert cli.main(["export", "--experiment", experiment, "--set", "model.text.num_layers=3", "--checkpoint",
+                     str(tiny_trained_run), "--out", str(tmp_path / "bad")]) == 2
+    assert "differs in ['text']" in capsys.readouterr().err
