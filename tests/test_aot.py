@@ -80,6 +80,16 @@ def test_data_buckets_are_what_the_pipeline_draws():
     assert {b.views for b in buckets} == {4, 8, 16}
 
 
+@pytest.mark.parametrize("name", EXPERIMENTS_2B)
+def test_every_2b_bucket_fits_the_token_budget(name):
+    """Each view count x aspect the experiment can draw holds at least one sample in a pack (the
+    pipeline raises otherwise, at the first such draw: hours into a pod run)."""
+    cfg = config_lib.load_experiment(f"experiments/{name}.py")
+    shapes = aot_compile.train_shapes(cfg, "all") + [aot_compile.eval_shape_of(cfg)]
+    assert all(1 <= s.sample_slots and s.length == cfg.data.tokens_per_pack for s in shapes)
+    assert max(s.views for s in shapes) == cfg.data.max_views
+
+
 def test_abstract_batch_matches_the_pipeline(tmp_path):
     from data_pipelines import pipeline
 
