@@ -6,6 +6,8 @@ Layout of a run directory:
     <workdir>/checkpoints/<step>/data       data-iterator state (JSON), so a resume sees the same batches
     <workdir>/checkpoints/<step>/metadata   experiment config + model fingerprint (JSON)
 
+(`checkpoint.directory` moves <workdir>/checkpoints elsewhere, e.g. to gs://BUCKET/runs/NAME/checkpoints.)
+
 The manager is opened with explicit item handlers, so a restore needs no knowledge of the topology
 that wrote the checkpoint: the caller passes the *target* shardings (any mesh shape) and Orbax
 reads each shard it needs. A step directory becomes visible only after Orbax finalises it, so a crash
@@ -20,6 +22,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from g2vlm_jax import config as config_lib
 
@@ -30,9 +33,16 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint was written for a different model configuration."""
 
 
+def checkpoint_path(directory: str | pathlib.Path) -> epath.Path:
+    """A checkpoint directory as Orbax takes it: URLs (gs://, s3://) as given, local paths absolute."""
+    path = epath.Path(directory)
+    return path if "://" in str(directory) else epath.Path(pathlib.Path(directory).absolute())
+
+
 def make_manager(directory: str | pathlib.Path, ckpt: config_lib.CheckpointConfig, *,
                  read_only: bool = False) -> ocp.CheckpointManager:
-    """A CheckpointManager keeping the newest `keep_last` plus every `keep_every`-th step."""
+    """A CheckpointManager keeping the newest `keep_last` plus every `keep_every`-th step.
+    `directory` may be local or any URL Orbax writes (gs://BUCKET/..., through tensorstore)."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt.keep_last,
         keep_period=ckpt.keep_every or None,
@@ -42,7 +52,7 @@ def make_manager(directory: str | pathlib.Path, ckpt: config_lib.CheckpointConfi
     )
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                 "metadata": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), item_names=ITEMS, item_handlers=handlers,
+    return ocp.CheckpointManager(checkpoint_path(directory), item_names=ITEMS, item_handlers=handlers,
                                  options=options)
 
 
@@ -132,7 +142,7 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
         return
     if jax.process_index() == 0:
         for step in steps:
-            src = pathlib.Path(manager.directory) / str(step)
+            src = epath.Path(manager.directory) / str(step)
             dst = src.with_name(f"{step}.unreadable")
             if src.exists() and not dst.exists():
                 src.rename(dst)

@@ -315,6 +315,10 @@ class CheckpointConfig:
     async_save: bool = True  # write in the background
     save_on_preemption: bool = True  # save when SIGTERM arrives
     init_from: str = ""  # converted checkpoint of an earlier stage / the official release ('' = random)
+    # Where the train-state checkpoints go ('' = <workdir>/checkpoints). Any path Orbax writes,
+    # e.g. gs://BUCKET/runs/NAME/checkpoints, so that every host of a pod sees the same checkpoints
+    # while logs and reports stay in the (host-local) workdir.
+    directory: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,6 +361,12 @@ class ExperimentConfig:
     def run_dir(self) -> pathlib.Path:
         """Absolute run directory: `workdir`, or ./runs/<name>."""
         return pathlib.Path(self.workdir or f"runs/{self.name}").absolute()
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """Train-state checkpoints: `checkpoint.directory` (a local path or a URL such as gs://...),
+        or <run_dir>/checkpoints."""
+        return self.checkpoint.directory or str(self.run_dir / "checkpoints")
 
     def validate(self) -> None:
         self.model.validate()

@@ -128,7 +128,9 @@ def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib
 
     run_dir = pathlib.Path(run_dir).absolute()
     params_only = (run_dir / "params").is_dir() and (run_dir / "metadata.json").is_file()
-    if not (run_dir / "checkpoints").is_dir() and not params_only:
+    # The run's checkpoints: `checkpoint.directory` when the experiment moved them (e.g. to gs://).
+    checkpoints = cfg.checkpoint.directory or str(run_dir / "checkpoints")
+    if not cfg.checkpoint.directory and not (run_dir / "checkpoints").is_dir() and not params_only:
         raise FileNotFoundError(f"{run_dir} has neither a checkpoints/ directory nor params/ + metadata.json; pass the "
                                 "run directory of a training run (runs/<experiment name>) or a params-only checkpoint "
                                 "(g2vlm export / g2vlm convert)")
@@ -140,11 +142,11 @@ def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib
         cfg_from = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=str(run_dir)))
         state = init_lib.initialise_from(state, cfg_from)
         return run_evaluators(spec, cfg, state, run_dir, step=step or 0, write_pictures=True)
-    manager = ckpt_lib.make_manager(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
+    manager = ckpt_lib.make_manager(checkpoints, cfg.checkpoint, read_only=True)
     if step is None:
         restored = ckpt_lib.restore_latest(manager, state, shardings, cfg)
         if restored is None:
-            raise FileNotFoundError(f"{run_dir}/checkpoints holds no readable checkpoint")
+            raise FileNotFoundError(f"{checkpoints} holds no readable checkpoint")
         step, state, _ = restored
     else:
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)

@@ -43,16 +43,21 @@ def straight_run(tmp_path_factory):
 
 
 def test_resume_is_bitwise_exact(straight_run, tmp_path):
+    """Also with the checkpoints outside the run directory (`checkpoint.directory`, as gs://... on a pod)."""
     cfg, straight = straight_run
-    first = loop.train(dataclasses.replace(cfg, workdir=str(tmp_path)), stop_after_steps=3, run_final_eval=False)
+    elsewhere = tmp_path / "bucket" / "checkpoints"
+    cfg = dataclasses.replace(cfg, workdir=str(tmp_path / "run"),
+                              checkpoint=dataclasses.replace(cfg.checkpoint, directory=str(elsewhere)))
+    first = loop.train(cfg, stop_after_steps=3, run_final_eval=False)
     assert first.final_step == 3
-    resumed = loop.train(dataclasses.replace(cfg, workdir=str(tmp_path)), run_final_eval=False)
+    assert (elsewhere / "3").is_dir() and not (tmp_path / "run" / "checkpoints").exists()
+    resumed = loop.train(cfg, run_final_eval=False)
     assert resumed.final_step == 6
     a, b = _flat(straight.state), _flat(resumed.state)
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    la, lb = _losses(straight.workdir), _losses(tmp_path)
+    la, lb = _losses(straight.workdir), _losses(tmp_path / "run")
     assert [la[s] for s in range(1, 7)] == [lb[s] for s in range(1, 7)]
 
 

@@ -86,7 +86,7 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
     batch_sharding = sharding_lib.batch_sharding(mesh)
 
     # ---- Resume, or initialise from an earlier stage -----------------------------------------
-    manager = ckpt_lib.make_manager(workdir / "checkpoints", cfg.checkpoint)
+    manager = ckpt_lib.make_manager(cfg.checkpoint_dir, cfg.checkpoint)
     restored = ckpt_lib.restore_latest(manager, state, shardings, cfg, set_aside_unreadable=True)
     if restored is not None:
         start_step, state, data_state = restored
