@@ -20,6 +20,9 @@ if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The suite runs on CPU. With the tpu-aot extra installed, jax would otherwise probe for a TPU in
+# every process it starts (seconds each); the AOT tests describe TPU slices without opening one.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Persistent XLA compilation cache shared by the test process and the subprocesses it starts:
 # integration tests compile the same tiny train step several times (~2x faster from the cache).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax_compilation_cache"))
