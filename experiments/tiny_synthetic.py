@@ -55,6 +55,13 @@ def get_config(arg: str = "") -> c.ExperimentConfig:
     )
 
 
+def _test_data(base: c.DataConfig, source: c.DataSource, tokens_per_pack: int) -> c.DataConfig:
+    """Test-scale data: one source, two 28x28 views, two packs per step, no augmentation."""
+    return dataclasses.replace(base, sources=(source,), eval_sources=(source,), image_size=(28, 28), view_buckets=(2,),
+                               min_views=2, max_views=2, tokens_per_pack=tokens_per_pack, packs_per_step=2,
+                               augment=False)
+
+
 def _test_config() -> c.ExperimentConfig:
     """Seconds-per-step config for integration tests (resume, sharding, reliability)."""
     base = get_config("")
@@ -62,10 +69,7 @@ def _test_config() -> c.ExperimentConfig:
     model = dataclasses.replace(model, text=dataclasses.replace(model.text, num_layers=1),
                                 heads=dataclasses.replace(model.heads, decoder_layers=1),
                                 dino=dataclasses.replace(model.dino, num_layers=1))
-    source = c.DataSource(name="synthetic", kind="recon", synthetic_scenes=(16, 4, 4))
-    data = dataclasses.replace(base.data, sources=(source,), eval_sources=(source,), image_size=(28, 28),
-                               view_buckets=(2,), min_views=2, max_views=2, tokens_per_pack=64, packs_per_step=2,
-                               augment=False)
+    data = _test_data(base.data, c.DataSource(name="synthetic", kind="recon", synthetic_scenes=(16, 4, 4)), 64)
     return dataclasses.replace(
         base, name="tiny_synthetic_test", model=model, data=data,
         optim=dataclasses.replace(base.optim, warmup_steps=1, total_steps=6),
@@ -78,10 +82,7 @@ def _qa_test_config() -> c.ExperimentConfig:
     base = get_config("qa")
     model = dataclasses.replace(base.model, text=dataclasses.replace(base.model.text, num_layers=1),
                                 heads=dataclasses.replace(base.model.heads, decoder_layers=1))
-    source = dataclasses.replace(base.data.sources[0], synthetic_scenes=(32, 4, 4))
-    data = dataclasses.replace(base.data, sources=(source,), eval_sources=(source,), image_size=(28, 28),
-                               view_buckets=(2,), min_views=2, max_views=2, tokens_per_pack=256, packs_per_step=2,
-                               augment=False)
+    data = _test_data(base.data, dataclasses.replace(base.data.sources[0], synthetic_scenes=(32, 4, 4)), 256)
     return dataclasses.replace(
         base, name="tiny_synthetic_qa_test", model=model, data=data,
         optim=dataclasses.replace(base.optim, warmup_steps=3, total_steps=16),
