@@ -74,8 +74,8 @@ def test_trainable_split_and_group_multipliers():
     grads = jax.tree.map(jnp.ones_like, trainable)
     updates, _ = tx.update(grads, state, trainable)
     # First Adam step moves every coordinate by lr * multiplier (bias-corrected m/sqrt(v) = 1).
-    np.testing.assert_allclose(np.asarray(updates["point_head"]["kernel"].value), -3.0, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(updates["q_proj_moe_geo"]["kernel"].value), -1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(updates["point_head"]["kernel"].get_value()), -3.0, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(updates["q_proj_moe_geo"]["kernel"].get_value()), -1.0, rtol=1e-5)
 
 
 def test_unknown_multiplier_group_is_an_error():

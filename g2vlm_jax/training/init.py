@@ -20,11 +20,11 @@ def _place(params: nnx.State, flat: dict, where: str) -> nnx.State:
         name = "/".join(str(k) for k in path)
         if name not in flat:
             raise KeyError(f"{where}: parameter {name!r} is missing")
-        value = flat[name]
-        if tuple(value.shape) != tuple(variable.value.shape):
+        value, current = flat[name], variable.get_value()
+        if tuple(value.shape) != tuple(current.shape):
             raise ValueError(f"{where}: parameter {name!r} has shape {tuple(value.shape)}, the model expects "
-                             f"{tuple(variable.value.shape)}")
-        return variable.replace(jax.device_put(value.astype(variable.value.dtype), variable.value.sharding))
+                             f"{tuple(current.shape)}")
+        return variable.replace(jax.device_put(value.astype(current.dtype), current.sharding))
 
     return nnx.map_state(load, params)
 
