@@ -12,8 +12,10 @@ chip's HBM; committed reports under experiments/aot/). The reasoning, per genera
   are sharded over 'fsdp' (ZeRO-3): at 64+ chips they are well under 1 GB per chip.
 - What decides the fit is activations: one pack per chip (25,600 / 40,960 tokens) with full
   rematerialisation keeps one layer input per decoder layer plus one layer's working set.
-- Every slice here holds at least as many chips as ... packs, so the batch (data x fsdp) axis
-  is the whole slice and no tensor parallelism is needed: 'fsdp' spans the slice, 'data' = 1.
+- Each experiment's global batch has one pack per chip of its target slice (stage 1a: 128 packs
+  on 128 chips; stages 1b and 2: 256 on 256), so the batch axis (data x fsdp) is the whole slice
+  and no tensor parallelism is needed: 'fsdp' spans the slice, 'data' = 1. Committed peaks:
+  stage 1a 39 %, 1b 69 %, 2 33 %, 2-SR 33 % of a v5p chip's HBM.
 """
 from __future__ import annotations
 
