@@ -143,8 +143,8 @@ class ModelConfig:
     heads: HeadsConfig = HeadsConfig()
     geo_attention: Literal["global", "frame", "mixed", "block_causal"] = "global"  # SPEC 1.4 cross-frame mode
     geo_init: Literal["scratch", "copy_semantic"] = "scratch"  # geometry expert init (official: scratch)
-    attention_kernel: Literal["auto", "xla", "blockwise", "cudnn"] = "auto"  # see model/attention.py
-    attention_block_size: int = 512  # query/key block of the blockwise kernel
+    attention_kernel: Literal["auto", "xla", "blockwise", "tpu_flash", "cudnn"] = "auto"  # see model/attention.py
+    attention_block_size: int = 512  # query/key block of the blockwise and tpu_flash kernels
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # activations / matmul inputs
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
     scan_layers: bool = True  # jax.lax.scan over decoder layers (one compiled layer body)

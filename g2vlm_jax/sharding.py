@@ -140,7 +140,8 @@ def logical_to_spec(names: Sequence[str | None], rules: LogicalRules) -> P:
     return P(*out)
 
 
-def _axis_size(mesh: Mesh, axes) -> int:
+def axis_size(mesh: Mesh, axes) -> int:
+    """Number of devices along one mesh axis name or a tuple of them (None -> 1)."""
     if axes is None:
         return 1
     axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
@@ -151,10 +152,10 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, what: str = "") -> P:
     """Replicates every dimension of `spec` that its mesh axes do not divide (logged when `what`)."""
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        if axes is not None and dim % _axis_size(mesh, axes):
+        if axes is not None and dim % axis_size(mesh, axes):
             if what:
                 log.info("sharding: %s dim of size %d is not divisible by mesh axes %s (size %d); replicated",
-                         what, dim, axes, _axis_size(mesh, axes))
+                         what, dim, axes, axis_size(mesh, axes))
             axes = None
         out.append(axes)
     return P(*out)
@@ -222,7 +223,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Places a host batch (any pytree of [B, ...] arrays) on the mesh, B over data x fsdp."""
-    n = _axis_size(mesh, BATCH_AXES)
+    n = axis_size(mesh, BATCH_AXES)
     for leaf in jax.tree.leaves(batch):
         if np.shape(leaf)[0] % n:
             raise ValueError(f"batch dimension {np.shape(leaf)[0]} is not divisible by data x fsdp = {n}; "
@@ -249,6 +250,11 @@ def activation_sharding(mesh: Mesh, preset: str):
         yield
     finally:
         _ACTIVE.stack.pop()
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the innermost `activation_sharding` block, or None outside one."""
+    return _ACTIVE.stack[-1][0] if _ACTIVE.stack else None
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -195,3 +195,20 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 def fast_jit(fn, **kwargs):
     """`jax.jit` with test-friendly compiler options."""
     return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
+
+
+def random_mask_info(rng: np.random.Generator, length: int, rows: int = 1):
+    """Structured random attention metadata (`attention.MaskInfo`, numpy fields [rows, length]).
+
+    Small id ranges, so that many (query block, key block) tiles are empty and many are not; reading
+    orders are a shuffled sorted draw (slot order is not reading order, as in the expert-grouped rows).
+    """
+    from g2vlm_jax.model.attention import MaskInfo
+
+    shape = (rows, length)
+    doc = np.sort(rng.integers(0, 3, shape), axis=1)
+    frame = np.where(rng.random(shape) < 0.5, rng.integers(0, 3, shape), -1)
+    order = np.sort(rng.integers(0, 40, shape), axis=1)[:, rng.permutation(length)]
+    return MaskInfo(seq_order=order.astype(np.int32), document_ids=doc.astype(np.int32),
+                    split_ids=rng.integers(0, 5, shape).astype(np.int32), split_full=rng.random(shape) < 0.3,
+                    geo_frame=frame.astype(np.int32))

@@ -153,7 +153,7 @@ def _state_bytes_per_chip(target) -> int:
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
 def test_tiny_train_step_compiles_for_slice(topology):
     cfg = aot_compile.load_config(TINY, topology, ["data.packs_per_step=4"])
-    assert cfg.model.attention_kernel == "blockwise"  # 'auto' resolved for TPU, not for this host
+    assert cfg.model.attention_kernel == "tpu_flash"  # 'auto' resolved for TPU, not for this host
     target = aot_compile.prepare(cfg, topology)
     assert len(target.devices) == 4 and dict(target.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
     (shape,) = aot_compile.train_shapes(cfg)

@@ -5,12 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_batches import make_batch, standard_batch
+from model_batches import make_batch, random_mask_info, standard_batch
 
 from g2vlm_jax.model import attention as attn_lib
 from g2vlm_jax.model.attention import MaskInfo, attention, build_mask, select_kernel
 from g2vlm_jax.model.kernels import cudnn
-from g2vlm_jax.model.kernels.blockwise import block_may_attend, blockwise_tile_counts, fit_block, pad_info, summarize
+from g2vlm_jax.model.kernels.blockwise import blockwise_tile_counts, fit_block
+from g2vlm_jax.model.kernels.tiles import block_fully_allowed, block_may_attend, pad_info, summarize
 
 MODES = [("global", None), ("frame", None), ("block_causal", None), ("mixed", 0), ("mixed", 1)]
 
@@ -95,13 +96,28 @@ def test_blockwise_skips_empty_tiles_and_stays_exact(mode):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
 
 
-def _random_info(rng, length) -> MaskInfo:
-    """Structured random metadata: small id ranges so that many tiles are empty and many are not."""
-    doc = rng.integers(0, 3, (1, length))
-    frame = np.where(rng.random((1, length)) < 0.5, rng.integers(0, 3, (1, length)), -1)
-    return MaskInfo(seq_order=np.sort(rng.integers(0, 40, (1, length))).astype(np.int32)[:, rng.permutation(length)],
-                    document_ids=np.sort(doc).astype(np.int32), split_ids=rng.integers(0, 5, (1, length)).astype(np.int32),
-                    split_full=rng.random((1, length)) < 0.3, geo_frame=frame.astype(np.int32))
+@pytest.mark.parametrize("mode, layer", MODES)
+def test_full_tile_bound_is_conservative(mode, layer):
+    """A tile the summaries call full has every pair allowed in build_mask: random metadata (2-slot
+    blocks, 40 draws) and packed rows of real layouts (4-slot blocks); the bound does fire on both."""
+    rng = np.random.default_rng(0)
+    cases = [(random_mask_info(rng, 24), random_mask_info(rng, 32), 2) for _ in range(40)]
+    packed = MaskInfo.from_batch(standard_batch(num_rows=2, views=3))
+    sparse = MaskInfo.from_batch(_sparse_batch())
+    cases += [(packed, packed, 4), (sparse, sparse, 4)]
+    full_random = full_packed = 0
+    for n, (q_info, k_info, block) in enumerate(cases):
+        q_info, k_info = pad_info(q_info, -(-q_info.length // block) * block), pad_info(k_info, -(-k_info.length // block) * block)
+        mask = np.asarray(build_mask(q_info, k_info, mode, layer))
+        b, lq, lk = mask.shape
+        every = mask.reshape(b, lq // block, block, lk // block, block).all(axis=(2, 4))
+        bound = np.asarray(block_fully_allowed(summarize(q_info, block), summarize(k_info, block), mode, layer))
+        assert not np.any(bound & ~every)
+        if n < 40:
+            full_random += int(bound.sum())
+        else:
+            full_packed += int(bound.sum())
+    assert full_random > 0 and full_packed > 0
 
 
 @pytest.mark.parametrize("mode, layer", MODES)
@@ -110,7 +126,7 @@ def test_tile_skip_bound_is_conservative(mode, layer):
     rng = np.random.default_rng(0)
     skipped = 0
     for _ in range(40):
-        q_info, k_info = _random_info(rng, 24), _random_info(rng, 32)
+        q_info, k_info = random_mask_info(rng, 24), random_mask_info(rng, 32)
         exact = np.asarray(build_mask(q_info, k_info, mode, layer))[0].reshape(6, 4, 8, 4).any(axis=(1, 3))
         bound = np.asarray(block_may_attend(summarize(q_info, 4), summarize(k_info, 4), mode, layer))[0]
         assert not np.any(exact & ~bound)
@@ -186,7 +202,7 @@ def test_kernel_selection_per_backend():
     huge = jax.ShapeDtypeStruct((4, 32768, 4, 64), jnp.bfloat16)
     assert select_kernel(*small, backend="cpu") == "xla"
     assert select_kernel(*long, backend="cpu") == "blockwise"
-    assert select_kernel(*small, backend="tpu") == "blockwise"
+    assert select_kernel(*small, backend="tpu") == "tpu_flash"
     assert select_kernel(*long, backend="gpu") == "cudnn"
     assert select_kernel(huge, huge, backend="gpu") == "blockwise"  # the dense bias would not fit
     fp32 = jnp.zeros((1, 256, 4, 64))
@@ -197,8 +213,9 @@ def test_kernel_selection_per_backend():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(kernel="cudnn"), "bfloat16/float16"),
-    (dict(kernel="splash"), "splash"),
+    (dict(kernel="splash"), "use kernel='tpu_flash'"),
     (dict(kernel="blockwise", block_size=0), "block_size"),
+    (dict(kernel="tpu_flash", block_size=0), "block_size"),
 ])
 def test_bad_kernel_requests_raise(kwargs, message):
     info = MaskInfo.from_batch(standard_batch(num_rows=1))
@@ -208,5 +225,5 @@ def test_bad_kernel_requests_raise(kwargs, message):
 
 
 def test_kernels_are_listed():
-    assert set(attn_lib.KERNELS) == {"auto", "xla", "blockwise", "cudnn"}
+    assert set(attn_lib.KERNELS) == {"auto", "xla", "blockwise", "tpu_flash", "cudnn"}
 

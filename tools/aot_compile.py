@@ -28,7 +28,7 @@ Steps (nothing of the model's size is ever allocated):
    bound: real packs hold padding); parameter and optimizer-state bytes per chip; every
    parameter's sharding.
 
-`attention_kernel='auto'` is resolved for the target (TPU: blockwise, see model/attention.py
+`attention_kernel='auto'` is resolved for the target (TPU: tpu_flash, see model/attention.py
 `select_kernel`) before tracing, because 'auto' would otherwise follow the tracing host's backend.
 """
 from __future__ import annotations
@@ -97,11 +97,12 @@ def libtpu_available() -> bool:
 def load_config(experiment: str, topology: str, overrides=()):
     """The experiment for `topology` (ARG = topology unless given) with 'auto' attention resolved to TPU's kernel."""
     from g2vlm_jax import config as config_lib
+    from g2vlm_jax.model.attention import TPU_KERNEL
 
     spec = experiment if ":" in experiment else f"{experiment}:{topology}"
     cfg = config_lib.load_experiment(spec, list(overrides))
-    if cfg.model.attention_kernel == "auto":  # select_kernel: TPU -> blockwise
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_kernel="blockwise"))
+    if cfg.model.attention_kernel == "auto":  # what select_kernel picks on a TPU (this host is a CPU)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_kernel=TPU_KERNEL))
     return cfg
 
 

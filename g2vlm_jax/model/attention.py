@@ -60,12 +60,17 @@ A padding query (last row) has no allowed key; `attention` returns 0 for it, nev
 KV-cache decoding reuses the same rule with different query and key metadata (`key_info`): the
 query side is the new tokens, the key side is the cache plus the new tokens.
 
-Kernels (`kernel=`; all compute the same function, tests/test_attention_kernels.py checks it)
+Kernels (`kernel=`; all compute the same function through `mask_rule`; tests/test_attention_kernels*.py
+check it)
 ------------------------------------------------------------------------------------------
     xla        dense fp32 logits [B, Hq, Lq, Lk] and the `build_mask` mask: the reference; memory
                quadratic in the row length.
     blockwise  flash-style online softmax in pure JAX (model/kernels/blockwise.py): memory linear,
                skips tiles the rule fully masks, custom flash backward. Any backend.
+    tpu_flash  Pallas (Mosaic) flash attention for TPUs (model/kernels/tpu_flash.py): the rule is
+               evaluated per tile in VMEM from the same metadata, dead tiles skip both the matmuls
+               and their K/V copies, flash backward in two kernels. TPU only (CPU tests run it in
+               Pallas' TPU interpret mode).
     cudnn      cuDNN fused attention with the mask as a dense bf16 bias (model/kernels/cudnn.py):
                GPU only, bf16/fp16 only; the bias is quadratic (2 bytes per pair).
     auto       per backend, decided at trace time by `select_kernel`:
@@ -73,10 +78,10 @@ Kernels (`kernel=`; all compute the same function, tests/test_attention_kernels.
                       faster compile), blockwise above (faster and memory linear);
                  gpu  cudnn when its shape/dtype rules hold and the bias fits
                       kernels.cudnn.MAX_BIAS_BYTES, else blockwise;
-                 tpu  blockwise. Splash attention cannot express this rule: its masks are static
-                      numpy masks fixed at trace time (plus segment-id equality), while ours depend
-                      on per-row data (where text, markers and frames sit in each packed row), so
-                      there is no exact mapping; requesting 'splash' is an error.
+                 tpu  tpu_flash. (Splash attention cannot express this rule: its masks are static
+                      numpy masks fixed at trace time plus segment-id equality, while ours depend on
+                      where text, markers and frames sit in each packed row; 'splash' is an error
+                      that points here.)
 """
 from __future__ import annotations
 
@@ -88,12 +93,13 @@ from flax import struct
 
 GeoMode = Literal["global", "frame", "block_causal", "mixed"]
 GEO_MODES: tuple[str, ...] = ("global", "frame", "block_causal", "mixed")
-KERNELS: tuple[str, ...] = ("auto", "xla", "blockwise", "cudnn")
+KERNELS: tuple[str, ...] = ("auto", "xla", "blockwise", "tpu_flash", "cudnn")
 DEFAULT_BLOCK_SIZE = 512  # = ModelConfig.attention_block_size default
 # auto on CPU: the dense XLA kernel up to one default tile of (query, key) pairs per row. There both
 # kernels do the same arithmetic and XLA compiles ~2x faster; above it blockwise was measured faster
 # on CPU (fwd+bwd, 4 heads x 32: L=1024 0.32 s vs 0.56 s, L=2048 0.60 s vs 1.61 s) and is memory linear.
 CPU_DENSE_MAX_PAIRS = DEFAULT_BLOCK_SIZE * DEFAULT_BLOCK_SIZE
+TPU_KERNEL = "tpu_flash"  # what 'auto' runs on TPUs (also what tools/aot_compile.py compiles)
 
 
 @struct.dataclass
@@ -144,18 +150,23 @@ def build_mask(q_info: MaskInfo, k_info: MaskInfo, geo_mode: GeoMode, layer_idx=
       bool[B, Lq, Lk], True where query q may attend to key k.
     """
     check_geo_mode(geo_mode, layer_idx)
+    return mask_rule(jax.tree.map(lambda a: a[:, :, None], q_info),  # queries as columns
+                     jax.tree.map(lambda a: a[:, None, :], k_info),  # keys as rows
+                     geo_mode, layer_idx)
 
-    def qs(a):  # query side as a column
-        return a[:, :, None]
 
-    def ks(a):  # key side as a row
-        return a[:, None, :]
+def mask_rule(q: MaskInfo, k: MaskInfo, geo_mode: GeoMode, layer_idx=None) -> jax.Array:
+    """The rule itself, on query and key metadata laid out to broadcast against each other.
 
-    same_doc = (qs(q_info.document_ids) == ks(k_info.document_ids)) & (qs(q_info.document_ids) > 0)
-    causal = ks(k_info.seq_order) <= qs(q_info.seq_order)
-    same_full = (qs(q_info.split_ids) == ks(k_info.split_ids)) & qs(q_info.split_full)
+    `build_mask` passes fields [B, Lq, 1] and [B, 1, Lk]; a kernel may pass one tile's columns
+    [bq, 1] and rows [1, bk]. Every kernel evaluates the rule through this function.
+    Returns the broadcast boolean mask.
+    """
+    same_doc = (q.document_ids == k.document_ids) & (q.document_ids > 0)
+    causal = k.seq_order <= q.seq_order
+    same_full = (q.split_ids == k.split_ids) & q.split_full
     base = causal | same_full
-    gq, gk = qs(q_info.geo_frame), ks(k_info.geo_frame)
+    gq, gk = q.geo_frame, k.geo_frame
     both_geo = (gq >= 0) & (gk >= 0)
 
     global_mask = same_doc & (base | both_geo)
@@ -166,8 +177,11 @@ def build_mask(q_info: MaskInfo, k_info: MaskInfo, geo_mode: GeoMode, layer_idx=
         return frame_mask
     if geo_mode == "block_causal":
         return same_doc & (base | ((gk >= 0) & (gk <= gq)))
-    # mixed: the parity of the layer picks the table; works for Python and traced indices.
-    return jnp.where(jnp.asarray(layer_idx) % 2 == 1, global_mask, frame_mask)
+    # mixed: the parity of the layer picks the table, for Python and traced indices alike. Written as
+    # boolean algebra on an int comparison (not `where` between two masks, nor `%`): the TPU kernel
+    # evaluates this function too, and Mosaic can neither select between boolean vectors nor lower sign().
+    odd = jnp.broadcast_to(jax.lax.rem(jnp.asarray(layer_idx, jnp.int32), 2), both_geo.shape) == 1
+    return same_doc & (base | (both_geo & odd)) & ~(both_geo & (gk != gq) & ~odd)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_info: MaskInfo, *, geo_mode: GeoMode,
@@ -181,8 +195,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_info: MaskInfo, *, 
       mask_info: metadata of the queries, fields [B, Lq].
       geo_mode, layer_idx: see `build_mask`.
       key_info: metadata of the keys, fields [B, Lk]; None means the keys are the queries' tokens.
-      kernel: 'auto' | 'xla' | 'blockwise' | 'cudnn' (see the module docstring).
-      block_size: query/key block of the blockwise kernel (`ModelConfig.attention_block_size`).
+      kernel: 'auto' | 'xla' | 'blockwise' | 'tpu_flash' | 'cudnn' (see the module docstring).
+      block_size: query/key block of the blockwise and tpu_flash kernels (`ModelConfig.attention_block_size`).
     Returns:
       float[B, Lq, Hq, Dh] in q's dtype; a query with no allowed key (padding) gets 0.
     """
@@ -198,12 +212,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_info: MaskInfo, *, 
     # Imported here: the kernels import MaskInfo / build_mask from this module.
     from g2vlm_jax.model.kernels import cudnn
     from g2vlm_jax.model.kernels.blockwise import blockwise_attention
+    from g2vlm_jax.model.kernels.tpu_flash import tpu_flash_attention
 
     name = select_kernel(q, k) if kernel == "auto" else kernel
     if name == "xla":
         return _xla_attention(q, k, v, build_mask(mask_info, key_info, geo_mode, layer_idx))
     if name == "blockwise":
         return blockwise_attention(q, k, v, mask_info, key_info, geo_mode=geo_mode, layer_idx=layer_idx,
+                                   block_size=block_size)
+    if name == "tpu_flash":
+        return tpu_flash_attention(q, k, v, mask_info, key_info, geo_mode=geo_mode, layer_idx=layer_idx,
                                    block_size=block_size)
     if name == "cudnn":
         reason = cudnn.unsupported_reason(q, k)
@@ -212,7 +230,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_info: MaskInfo, *, 
         return cudnn.cudnn_attention(q, k, v, build_mask(mask_info, key_info, geo_mode, layer_idx))
     if name == "splash":
         raise ValueError("attention kernel 'splash' cannot express the packed-row mask (splash masks are static, "
-                         "ours depend on each row's layout); use kernel='auto' (blockwise on TPU) or 'blockwise'")
+                         "ours depend on each row's layout); use kernel='tpu_flash' (what 'auto' picks on TPU)")
     raise ValueError(f"attention kernel {kernel!r} is not available; choose one of {list(KERNELS)}")
 
 
@@ -226,6 +244,8 @@ def select_kernel(q: jax.Array, k: jax.Array, backend: str | None = None) -> str
     if backend in ("gpu", "cuda") and cudnn.unsupported_reason(q, k) is None \
             and cudnn.bias_bytes(q, k) <= cudnn.MAX_BIAS_BYTES:
         return "cudnn"
+    if backend == "tpu":
+        return TPU_KERNEL
     return "blockwise"
 
 

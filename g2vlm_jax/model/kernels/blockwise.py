@@ -12,11 +12,9 @@ K/V head) and every einsum contracts against the [B, L, Hkv, Dh] keys/values dir
 
 The mask rule is never re-implemented here. Per tile, the exact element mask is
 `attention.build_mask` evaluated on the tile's metadata slices. Separately, per-block *summaries* of
-the metadata (min/max of document, reading order, split and frame ids, "has a full split", "all
-geometry tokens") give a conservative test "may any pair of this block pair be allowed?"
-(`block_may_attend`); a tile that fails it is skipped with `lax.cond` (no FLOPs). The test only has
-to be conservative (never say "empty" for a tile with an allowed pair); `tests/test_attention_kernels.py`
-checks that against `build_mask` on random metadata. The skip decision is taken per tile for the
+the metadata give a conservative test "may any pair of this block pair be allowed?"
+(`tiles.block_may_attend`, shared with the TPU kernel); a tile that fails it is skipped with
+`lax.cond` (no FLOPs). The skip decision is taken per tile for the
 whole batch (a tile runs if any row needs it), so the batch axis stays a plain parallel axis that
 sharding can split; the [nq, nk] table of decisions is computed once per call.
 
@@ -33,112 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from g2vlm_jax.batch import PAD_ORDER
 from g2vlm_jax.model.attention import MaskInfo, build_mask, check_geo_mode
-
-_BIG = jnp.iinfo(jnp.int32).max
-_SMALL = jnp.iinfo(jnp.int32).min
-
-
-# --------------------------------------------------------------------------------------------------
-# Padding and per-block metadata summaries
-# --------------------------------------------------------------------------------------------------
-def _pad_length(x: jax.Array, length: int) -> jax.Array:
-    """Zero-pads axis 1 of x to `length`."""
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (0, length - x.shape[1])
-    return jnp.pad(x, pad)
-
-
-def pad_info(info: MaskInfo, length: int) -> MaskInfo:
-    """Metadata padded to `length` slots with padding values (document 0: never attends, never attended)."""
-    n = length - info.length
-    if n == 0:
-        return info
-
-    def pad(a, value):
-        return jnp.pad(a, ((0, 0), (0, n)), constant_values=value)
-
-    return MaskInfo(seq_order=pad(info.seq_order, PAD_ORDER), document_ids=pad(info.document_ids, 0),
-                    split_ids=pad(info.split_ids, 0), split_full=pad(info.split_full, False),
-                    geo_frame=pad(info.geo_frame, -1))
-
-
-@struct.dataclass
-class BlockSummary:
-    """What one block of slots may contain; every field is [B, num_blocks].
-
-    lo/hi pairs are min/max over the block's real tokens (document > 0) satisfying the field's
-    condition; an empty selection gives lo = int32 max, hi = int32 min, which overlaps nothing.
-    """
-
-    valid: jax.Array  # any real token
-    doc_lo: jax.Array
-    doc_hi: jax.Array
-    order_lo: jax.Array
-    order_hi: jax.Array
-    split_lo: jax.Array
-    split_hi: jax.Array
-    full_lo: jax.Array  # split ids of tokens whose split is full (bidirectional)
-    full_hi: jax.Array
-    geo_lo: jax.Array  # frame ids of geometry-frame tokens
-    geo_hi: jax.Array
-    all_geo: jax.Array  # every real token is a geometry-frame token
-
-
-def summarize(info: MaskInfo, block: int) -> BlockSummary:
-    """Per-block summaries of metadata whose length is a multiple of `block`."""
-    b, length = info.seq_order.shape
-    shape = (b, length // block, block)
-    doc, order, split = (a.reshape(shape) for a in (info.document_ids, info.seq_order, info.split_ids))
-    full, frame = info.split_full.reshape(shape), info.geo_frame.reshape(shape)
-    real = doc > 0
-    is_geo = real & (frame >= 0)
-
-    def lo(a, sel):
-        return jnp.min(jnp.where(sel, a, _BIG), axis=-1)
-
-    def hi(a, sel):
-        return jnp.max(jnp.where(sel, a, _SMALL), axis=-1)
-
-    return BlockSummary(valid=jnp.any(real, axis=-1), doc_lo=lo(doc, real), doc_hi=hi(doc, real),
-                        order_lo=lo(order, real), order_hi=hi(order, real),
-                        split_lo=lo(split, real), split_hi=hi(split, real),
-                        full_lo=lo(split, real & full), full_hi=hi(split, real & full),
-                        geo_lo=lo(frame, is_geo), geo_hi=hi(frame, is_geo),
-                        all_geo=jnp.all(is_geo | ~real, axis=-1))
-
-
-def _overlap(a_lo, a_hi, b_lo, b_hi) -> jax.Array:
-    return (a_lo <= b_hi) & (b_lo <= a_hi)
-
-
-def block_may_attend(qs: BlockSummary, ks: BlockSummary, geo_mode: str, layer) -> jax.Array:
-    """Conservative "some (query, key) pair of this block pair may be allowed": bool[B, nq, nk].
-
-    Mirrors the structure of the rule in `attention.py` term by term, each term replaced by an
-    "exists" bound over the block summaries (so a True here may still be an empty tile, a False is
-    always an empty tile). Keep in step with `build_mask`; the kernel tests check the bound.
-    """
-    q = jax.tree.map(lambda a: a[:, :, None], qs)
-    k = jax.tree.map(lambda a: a[:, None, :], ks)
-    same_doc = q.valid & k.valid & _overlap(q.doc_lo, q.doc_hi, k.doc_lo, k.doc_hi)
-    causal = k.order_lo <= q.order_hi
-    same_full = _overlap(q.full_lo, q.full_hi, k.split_lo, k.split_hi)
-    base = causal | same_full
-    both_geo = (q.geo_lo <= q.geo_hi) & (k.geo_lo <= k.geo_hi)
-    # `frame` cuts every pair of two geometry tokens of different frames: a tile is empty when all
-    # its real tokens are geometry tokens and the two sides share no frame id.
-    all_cut = q.all_geo & k.all_geo & ~_overlap(q.geo_lo, q.geo_hi, k.geo_lo, k.geo_hi)
-    global_live = same_doc & (base | both_geo)
-    frame_live = same_doc & base & ~all_cut
-    if geo_mode == "global":
-        return global_live
-    if geo_mode == "frame":
-        return frame_live
-    if geo_mode == "block_causal":
-        return same_doc & (base | (both_geo & (k.geo_lo <= q.geo_hi)))
-    return jnp.where(jnp.asarray(layer) % 2 == 1, global_live, frame_live)
+from g2vlm_jax.model.kernels.tiles import block_may_attend, pad_info, pad_length, summarize
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,9 +226,9 @@ def _prepare(q, k, v, q_info, k_info, geo_mode, layer_idx, block_size):
     plan = _Plan(geo_mode=geo_mode, block_q=fit_block(lq, block_size), block_k=fit_block(lk, block_size))
     lq_pad = -(-lq // plan.block_q) * plan.block_q
     lk_pad = -(-lk // plan.block_k) * plan.block_k
-    qg = _pad_length(q, lq_pad).reshape(b, lq_pad, hkv, hq // hkv, dh)
+    qg = pad_length(q, lq_pad).reshape(b, lq_pad, hkv, hq // hkv, dh)
     layer = jnp.asarray(0 if layer_idx is None else layer_idx, jnp.int32)
-    return (qg, _pad_length(k, lk_pad), _pad_length(v, lk_pad), pad_info(q_info, lq_pad), pad_info(k_info, lk_pad),
+    return (qg, pad_length(k, lk_pad), pad_length(v, lk_pad), pad_info(q_info, lq_pad), pad_info(k_info, lk_pad),
             layer, plan)
 
 
