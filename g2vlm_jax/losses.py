@@ -33,6 +33,7 @@ _MIN_ANGLE, _MAX_ANGLE, _BETA = math.radians(1.0), math.radians(90.0), math.radi
 _NORMAL_FLOOR = 0.5 * _MIN_ANGLE**2 / _BETA  # smoothed loss of a clamped 1° error
 _COS_CLAMP = 1e-6
 _ROTATION_FLOOR = math.acos(1 - _COS_CLAMP)  # arccos of the clamped identity
+_ROTATION_CEIL = math.acos(-1 + _COS_CLAMP)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -60,6 +61,12 @@ def optimal_scale(pred_points: jax.Array, gt_points: jax.Array, weights: jax.Arr
     pred_points, gt_points: [N, 3]; weights: [N]; valid: bool [N] or None. Returns a scalar, no
     gradient, made positive (|s|) when the median is <= 0, and 1 when nothing is valid.
     """
+    return _weighted_median_scale(pred_points, gt_points, weights, valid)[0]
+
+
+def _weighted_median_scale(pred_points, gt_points, weights, valid=None):
+    """(s, k): `optimal_scale` and the flat index k in [0, 3N) of the coordinate whose ratio s is, or -1
+    when s is not such a ratio (nothing valid, or s replaced by 1 or by |s|)."""
     pred = pred_points.reshape(-1).astype(jnp.float32)
     gt = gt_points.reshape(-1).astype(jnp.float32)
     w = jnp.repeat(weights.astype(jnp.float32), 3)
@@ -73,10 +80,12 @@ def optimal_scale(pred_points: jax.Array, gt_points: jax.Array, weights: jax.Arr
     cum = jnp.cumsum(w_sorted)
     total = cum[-1]
     idx = jnp.clip(jnp.searchsorted(cum, 0.5 * total, side="left"), 0, r_sorted.shape[0] - 1)
-    s = jnp.where(total > 0, r_sorted[idx], 1.0)
+    median = r_sorted[idx]
+    exact = (total > 0) & jnp.isfinite(median) & (median > 0)
+    s = jnp.where(total > 0, median, 1.0)
     s = jnp.where(jnp.isfinite(s), s, 1.0)
     s = jnp.where(s <= 0, jnp.abs(s), s)
-    return jax.lax.stop_gradient(s)
+    return jax.lax.stop_gradient(s), jnp.where(exact, order[idx], -1)
 
 
 def resample_valid(values: jax.Array, valid: jax.Array, size: int = RESAMPLE_POINTS) -> jax.Array:
@@ -85,11 +94,15 @@ def resample_valid(values: jax.Array, valid: jax.Array, size: int = RESAMPLE_POI
     Row k is the floor(k * n / size)-th valid entry (n = number of valid entries), as 1-D nearest
     interpolation of the valid list does; static shapes via a cumulative count.
     """
+    return values[_resample_positions(valid, size)]
+
+
+def _resample_positions(valid: jax.Array, size: int = RESAMPLE_POINTS) -> jax.Array:
+    """The row of `values` that `resample_valid` puts at each of its `size` rows."""
     counts = jnp.cumsum(valid.astype(jnp.int32))
     n = counts[-1]
     rank = (jnp.arange(size) * n) // size  # 0-based rank among the valid entries
-    pos = jnp.clip(jnp.searchsorted(counts, rank + 1, side="left"), 0, values.shape[0] - 1)
-    return values[pos]
+    return jnp.clip(jnp.searchsorted(counts, rank + 1, side="left"), 0, valid.shape[0] - 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,9 +180,14 @@ def camera_loss(pred_poses, gt_poses, scale, translation_weight: float):
     off = ~jnp.eye(v, dtype=bool)
     pairs = jnp.maximum(v * (v - 1), 1)
     trans = jnp.sum(jnp.where(off[..., None], _huber(rel_pred[..., :3, 3] - rel_gt[..., :3, 3], 0.1), 0.0)) / (3 * pairs)
-    trace = jnp.sum(rel_pred[..., :3, :3] * rel_gt[..., :3, :3], axis=(-1, -2))  # tr(R̂ᵀ R)
-    cos = jnp.clip((trace - 1) / 2, -1 + _COS_CLAMP, 1 - _COS_CLAMP)
-    rot = jnp.sum(jnp.where(off, jnp.arccos(cos) - _ROTATION_FLOOR, 0.0)) / pairs
+    # The angle of R̂ᵀR as atan2(sin, cos), sin from its skew part: arccos((tr - 1) / 2) has the same value
+    # and gradient but float32 round-off in the trace is amplified by 1/sin² near 0, where good
+    # predictions are. The angle clip is the official clip of cos to [-1 + 1e-6, 1 - 1e-6].
+    m = jnp.einsum("...ki,...kj->...ij", rel_pred[..., :3, :3], rel_gt[..., :3, :3], precision=jax.lax.Precision.HIGHEST)
+    cos = (jnp.trace(m, axis1=-2, axis2=-1) - 1) / 2
+    sin = _safe_norm((m - jnp.swapaxes(m, -1, -2)).reshape(m.shape[:-2] + (9,))) / math.sqrt(8.0)
+    angle = jnp.clip(jnp.arctan2(sin, cos), _ROTATION_FLOOR, _ROTATION_CEIL)
+    rot = jnp.sum(jnp.where(off, angle - _ROTATION_FLOOR, 0.0)) / pairs
     return trans, rot, translation_weight * trans + rot
 
 
@@ -193,15 +211,23 @@ def sample_loss(pred: dict, world, valid, gt_poses, normal_enabled, cfg: LossCon
     weights = jnp.where(valid, weights, 0.0)
 
     flat_valid = valid.reshape(-1)
-    picked = resample_valid(jnp.concatenate([local.reshape(-1, 3), gt_local.reshape(-1, 3), weights.reshape(-1, 1)], -1),
-                            flat_valid)
-    scale = optimal_scale(picked[:, :3], picked[:, 3:6], picked[:, 6])
+    rows = _resample_positions(flat_valid)
+    picked = jnp.concatenate([local.reshape(-1, 3), gt_local.reshape(-1, 3), weights.reshape(-1, 1)], -1)[rows]
+    scale, k = _weighted_median_scale(picked[:, :3], picked[:, 3:6], picked[:, 6])
+    # The coordinate whose ratio is s has residual s x̂ - x = 0 up to round-off: |.| sits on its kink
+    # there, and the sign of the round-off (which differs between compilations, e.g. shardings) would
+    # pick its gradient, ±w s. It gets the subgradient 0, the derivative of the L1 at the optimal scale.
+    at_median = (jnp.arange(flat_valid.shape[0] * 3) == jnp.where(k >= 0, rows[k // 3] * 3 + k % 3, -1))
+    at_median = at_median.reshape(local.shape)
 
-    def l1(points, target):
-        per = jnp.sum(jnp.abs(scale * points - target), axis=-1) * weights
+    def l1(points, target, kink=None):
+        err = jnp.abs(scale * points - target)
+        if kink is not None:
+            err = jnp.where(kink, jax.lax.stop_gradient(err), err)
+        per = jnp.sum(err, axis=-1) * weights
         return jnp.sum(jnp.where(valid, per, 0.0)) / (3 * count)
 
-    details = {"local": l1(local, gt_local), "scale": scale}
+    details = {"local": l1(local, gt_local, at_median), "scale": scale}
     details["normal"] = jnp.where(normal_enabled, normal_loss(scale * local, gt_local, valid), 0.0)
     details["global"] = l1(pred["global_points"].astype(jnp.float32) / n, gt_world) if "global_points" in pred else 0.0
     details["cam_trans"], details["cam_rot"], cam = camera_loss(pred_poses, gt_poses, scale, cfg.translation_weight)
