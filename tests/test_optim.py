@@ -4,6 +4,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -46,12 +47,30 @@ def test_stage_groups_respect_frozen_encoders():
 
 def test_schedule_warmup_then_cosine_to_floor():
     cfg = _cfg(learning_rate=1e-3, min_learning_rate=1e-6, warmup_steps=10, total_steps=110)
-    s = optim.learning_rate_schedule(cfg.optim)
+    s = optim.LearningRateSchedule.from_config(cfg.optim)
     assert float(s(0)) == 0.0
     np.testing.assert_allclose(float(s(5)), 5e-4, rtol=1e-6)
     np.testing.assert_allclose(float(s(10)), 1e-3, rtol=1e-6)
     np.testing.assert_allclose(float(s(60)), 1e-6 + 0.5 * (1e-3 - 1e-6), rtol=1e-5)  # cosine half-way
     np.testing.assert_allclose(float(s(110)), 1e-6, rtol=1e-5)
+    np.testing.assert_allclose(float(s(500)), 1e-6, rtol=1e-5)  # past the end: the floor
+    # The same values as optax's schedule at every step, warmup 0 included.
+    for warmup in (10, 0):
+        o = dataclasses.replace(cfg.optim, warmup_steps=warmup)
+        ref = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, warmup, o.total_steps, o.min_learning_rate)
+        ours = optim.LearningRateSchedule.from_config(o)
+        steps = np.arange(0, 115)
+        np.testing.assert_allclose(np.asarray(jax.vmap(ours)(steps)), np.asarray(jax.vmap(ref)(steps)), rtol=1e-5,
+                                   atol=1e-12)
+
+
+def test_schedule_is_an_argument_of_the_compiled_step():
+    """Two schedules, one program: the schedule's numbers are not constants of the jitted function."""
+    a = optim.LearningRateSchedule.from_config(_cfg(total_steps=10, warmup_steps=2).optim)
+    b = optim.LearningRateSchedule.from_config(_cfg(total_steps=400, warmup_steps=7, learning_rate=3e-3).optim)
+    f = jax.jit(lambda s, step: s(step))
+    assert float(f(a, 1)) != float(f(b, 1))
+    assert f._cache_size() == 1
 
 
 class _Toy(nnx.Module):
@@ -73,7 +92,8 @@ def test_trainable_split_and_group_multipliers():
     state = tx.init(trainable)
     grads = jax.tree.map(jnp.ones_like, trainable)
     updates, _ = tx.update(grads, state, trainable)
-    # First Adam step moves every coordinate by lr * multiplier (bias-corrected m/sqrt(v) = 1).
+    # First Adam step: -multiplier per coordinate (bias-corrected m/sqrt(v) = 1); the train step
+    # then scales by the schedule's learning rate (1.0 here).
     np.testing.assert_allclose(np.asarray(updates["point_head"]["kernel"].get_value()), -3.0, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(updates["q_proj_moe_geo"]["kernel"].get_value()), -1.0, rtol=1e-5)
 

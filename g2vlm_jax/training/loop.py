@@ -22,7 +22,6 @@ from g2vlm_jax import flops as flops_lib
 from g2vlm_jax import sharding as sharding_lib
 from g2vlm_jax.training import data as data_lib
 from g2vlm_jax.training import init as init_lib
-from g2vlm_jax.training import optim as optim_lib
 from g2vlm_jax.training import state as state_lib
 from g2vlm_jax.training import step as step_lib
 from g2vlm_jax.training.logger import MetricLogger
@@ -97,7 +96,6 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
         if cfg.checkpoint.init_from:
             state = init_lib.initialise_from(state, cfg)
     step_fn = step_lib.make_train_step(spec, cfg, shardings, batch_sharding)
-    schedule = optim_lib.learning_rate_schedule(cfg.optim)
 
     # ---- Steps ---------------------------------------------------------------------------------
     logger = MetricLogger(workdir, cfg.log_every, peak_flops_per_second=flops_lib.run_peak_flops())
@@ -123,7 +121,7 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
             step_flops = flops_lib.step_flops(cfg.model, host_batch).train_total * jax.process_count()
             step += 1
             if pending is not None:
-                last_metrics = _log(logger, pending, schedule, cfg)
+                last_metrics = _log(logger, pending, cfg)
             pending = (step, metrics, step_flops)
             if step % cfg.checkpoint.every_steps == 0 or step == end_step:
                 ckpt_lib.save(manager, step, state, train_iter.get_state(), cfg)
@@ -136,7 +134,7 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
                 preempted = True
                 break
         if pending is not None:
-            last_metrics = _log(logger, pending, schedule, cfg, force=True)
+            last_metrics = _log(logger, pending, cfg, force=True)
     finally:
         if tracing:
             jax.profiler.stop_trace()  # the run ended inside the profiling window
@@ -165,7 +163,7 @@ def _toggle_profiler(cfg: config_lib.ExperimentConfig, step: int, tracing: bool,
     return tracing
 
 
-def _log(logger: MetricLogger, pending, schedule, cfg: config_lib.ExperimentConfig, force: bool = False) -> dict:
+def _log(logger: MetricLogger, pending, cfg: config_lib.ExperimentConfig, force: bool = False) -> dict:
     """Fetches the previous step's metrics, logs them and enforces the non-finite limit."""
     step, metrics, step_flops = pending
     host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
@@ -177,7 +175,7 @@ def _log(logger: MetricLogger, pending, schedule, cfg: config_lib.ExperimentConf
     if not host["finite"]:
         logging.warning("step %d: non-finite loss/gradient, update skipped (streak %d)", step,
                         int(host["nonfinite_streak"]))
-    logger.record(step, host, {"lr": float(schedule(step - 1)), "flops": step_flops}, force=force)
+    logger.record(step, host, {"flops": step_flops}, force=force)
     return host
 
 

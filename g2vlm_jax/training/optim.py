@@ -1,4 +1,4 @@
-"""Optimiser: AdamW + warmup/cosine schedule, parameter groups and per-stage trainable sets (SPEC 3).
+"""Optimiser: AdamW + warmup/cosine schedule (as data), parameter groups and per-stage trainable sets (SPEC 3).
 
 Every parameter belongs to exactly one *group*, decided from its path in the model:
 
@@ -19,8 +19,10 @@ trainable state entirely, so they get no gradient computation and no Adam moment
 """
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, struct
 
 from g2vlm_jax import config as config_lib
 
@@ -77,18 +79,43 @@ def is_trainable(cfg: config_lib.ExperimentConfig):
     return predicate
 
 
-def learning_rate_schedule(optim: config_lib.OptimConfig) -> optax.Schedule:
-    """Linear warmup from 0 to the peak, then cosine decay to `min_learning_rate` at `total_steps`."""
-    decay_steps = max(optim.total_steps - optim.warmup_steps, 1)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=optim.learning_rate, warmup_steps=optim.warmup_steps,
-        decay_steps=optim.warmup_steps + decay_steps, end_value=optim.min_learning_rate)
+@struct.dataclass
+class LearningRateSchedule:
+    """Linear warmup from 0 to `peak`, then cosine decay to `end` at step `total` (float32 scalars).
+
+    The schedule is *data*, passed to the jitted train step as an argument, not constants baked into
+    the compiled program: runs that differ only in their schedule (length, warmup, learning rate)
+    share one compiled step, and a resumed run may change them without recompiling.
+    Same values as `optax.warmup_cosine_decay_schedule(0, peak, warmup, total, end)`.
+    """
+
+    peak: jax.Array
+    end: jax.Array
+    warmup: jax.Array
+    total: jax.Array
+
+    @classmethod
+    def from_config(cls, optim: config_lib.OptimConfig) -> "LearningRateSchedule":
+        f32 = lambda x: jnp.asarray(x, jnp.float32)
+        return cls(peak=f32(optim.learning_rate), end=f32(optim.min_learning_rate), warmup=f32(optim.warmup_steps),
+                   total=f32(optim.total_steps))
+
+    def __call__(self, step) -> jax.Array:
+        """The learning rate of the update made at `step` (0 for the first update)."""
+        step = jnp.asarray(step, jnp.float32)
+        warm = self.peak * step / jnp.maximum(self.warmup, 1.0)
+        progress = jnp.clip((step - self.warmup) / jnp.maximum(self.total - self.warmup, 1.0), 0.0, 1.0)
+        cosine = self.end + (self.peak - self.end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < self.warmup, warm, cosine)
 
 
 def make_optimizer(cfg: config_lib.ExperimentConfig) -> optax.GradientTransformation:
-    """Global-norm clip then AdamW; per-group learning-rate multipliers from `optim.lr_multipliers`.
+    """Global-norm clip then AdamW *without* the learning rate; per-group multipliers from
+    `optim.lr_multipliers`.
 
-    The transformation is applied to the trainable state only (frozen groups are not in it).
+    The updates it returns are -(multiplier) * (Adam direction + weight decay * parameter); the train
+    step multiplies them by `LearningRateSchedule(step)` (see its docstring for why). The
+    transformation is applied to the trainable state only (frozen groups are not in it).
     """
     optim = cfg.optim
     multipliers = dict(optim.lr_multipliers)
@@ -96,11 +123,10 @@ def make_optimizer(cfg: config_lib.ExperimentConfig) -> optax.GradientTransforma
     if unknown:
         raise config_lib.ConfigError(
             f"config field 'optim.lr_multipliers': unknown groups {sorted(unknown)}; allowed values are {list(GROUPS)}")
-    schedule = learning_rate_schedule(optim)
 
-    def adamw(scale: float) -> optax.GradientTransformation:
-        return optax.adamw(lambda step: schedule(step) * scale, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                           weight_decay=optim.weight_decay)
+    def adamw(multiplier: float) -> optax.GradientTransformation:
+        return optax.chain(optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
+                           optax.add_decayed_weights(optim.weight_decay), optax.scale(-multiplier))
 
     if not multipliers:
         inner = adamw(1.0)

@@ -101,6 +101,6 @@ def create_train_state(cfg: config_lib.ExperimentConfig, mesh: jax.sharding.Mesh
     def init() -> TrainState:
         return _build(cfg, ctor)[1]
 
-    with mesh:
+    with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)()
     return spec, state, shardings

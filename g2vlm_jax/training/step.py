@@ -7,7 +7,9 @@ global counts, so accumulating k micro-batches gives exactly the gradient of the
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ from flax import nnx
 from g2vlm_jax import config as config_lib
 from g2vlm_jax import losses
 from g2vlm_jax.batch import PackedBatch
+from g2vlm_jax.training import optim as optim_lib
 from g2vlm_jax.training.state import StateSpec, TrainState
 
 
@@ -69,9 +72,12 @@ def _split_micro(batch: PackedBatch, k: int) -> PackedBatch:
     return jax.tree_util.tree_map(split, batch)
 
 
-def train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainState, batch: PackedBatch):
+def train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainState, batch: PackedBatch,
+               schedule: optim_lib.LearningRateSchedule):
     """One optimiser update over `batch` (split into `optim.grad_accum_steps` micro-batches).
 
+    The learning rate is `schedule(state.step)`: the step counts applied updates, so a skipped
+    non-finite step does not advance the schedule (as optax's own step counter would not).
     Returns (new_state, metrics) where metrics are scalars (read by the host one step late).
     A non-finite loss or gradient leaves parameters and optimiser state untouched and bumps the
     non-finite counters instead.
@@ -99,10 +105,11 @@ def train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainSt
         (loss, ce_sum, vg_sum, grads), det_all = jax.lax.scan(body, zeros, _split_micro(batch, k))
         details = jax.tree_util.tree_map(jnp.mean, det_all)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = spec.tx.update(grads, state.opt_state, state.trainable)
-    new_trainable = optax.apply_updates(state.trainable, updates)
+    lr = schedule(state.step)
+    new_trainable = optax.apply_updates(state.trainable, jax.tree_util.tree_map(lambda u: lr * u, updates))
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(
         step=state.step + finite.astype(jnp.int32),
@@ -111,18 +118,34 @@ def train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainSt
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
     )
-    metrics = {"loss": loss, "ce": ce_sum / ce_count, "vg": vg_sum / vg_count, "grad_norm": grad_norm,
+    metrics = {"loss": loss, "ce": ce_sum / ce_count, "vg": vg_sum / vg_count, "grad_norm": grad_norm, "lr": lr,
                "finite": finite.astype(jnp.float32), "nonfinite_streak": new_state.nonfinite_streak,
                "loss_tokens": jnp.sum(batch.loss_mask), "tokens": jnp.sum(batch.token_type > 0),
                **{f"vg/{name}": value for name, value in details.items()}}
     return new_state, metrics
 
 
-def make_train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state_shardings, batch_shardings):
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The jitted train step, called as `step(state, batch)`; passes the schedule as an argument."""
+
+    jitted: Callable
+    schedule: optim_lib.LearningRateSchedule
+
+    def __call__(self, state: TrainState, batch: PackedBatch):
+        return self.jitted(state, batch, self.schedule)
+
+    def lower(self, state, batch):
+        """Lowers for (abstract) state and batch, e.g. to compile ahead of time."""
+        return self.jitted.lower(state, batch, self.schedule)
+
+
+def make_train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state_shardings, batch_shardings) -> TrainStep:
     """jit(train_step) with explicit shardings and the input state donated (updated in place)."""
     fn = functools.partial(train_step, spec, cfg)
-    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
-                   donate_argnums=(0,))
+    jitted = jax.jit(fn, in_shardings=(state_shardings, batch_shardings, None), out_shardings=(state_shardings, None),
+                     donate_argnums=(0,))
+    return TrainStep(jitted, optim_lib.LearningRateSchedule.from_config(cfg.optim))
 
 
 def eval_geometry(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainState, batch: PackedBatch):
