@@ -23,6 +23,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # The suite runs on CPU. With the tpu-aot extra installed, jax would otherwise probe for a TPU in
 # every process it starts (seconds each); the AOT tests describe TPU slices without opening one.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The AOT tests open libtpu only to describe TPU slices (compile-only, no chip). libtpu takes a
+# machine-wide lockfile, so a `g2vlm aot` running beside the tests would make them skip; compile-only
+# clients may share it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # Persistent XLA compilation cache shared by the test process and the subprocesses it starts:
 # integration tests compile the same tiny train step several times (~2x faster from the cache).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax_compilation_cache"))

@@ -75,6 +75,26 @@ def test_stage1_changes_only_the_geometry_side(straight_run):
     assert {"geometry", "heads"} <= groups_changed
 
 
+def test_stage1_with_semantic_images_leaves_vit_and_semantic_side_bitwise(tmp_path):
+    """Stage 1 on recon-then-QA rows, so the ViT and the semantic expert are in the forward (semantic
+    images, question and answer tokens): after 3 steps every semantic-expert, embedding, lm_head,
+    ViT and DINO parameter is bitwise unchanged, while the geometry side trained."""
+    cfg = C.load_experiment(str(ROOT / "experiments/tiny_synthetic.py:qa_test"), [
+        f"workdir={tmp_path}", "optim.stage=stage1", "model.freeze_und=true", "model.freeze_recon=false",
+        "loss.vg_weight=1.0", "optim.total_steps=3", "eval.evaluators="])
+    assert cfg.model.use_vit
+    result = loop.train(cfg, run_final_eval=False)
+    _, init, _ = state_lib.create_train_state(cfg, sharding.make_mesh(cfg.mesh))
+    before, after = _flat(init), _flat(result.state)
+    group = {name: optim.param_group(tuple(name.split("/"))) for name in before}
+    changed = {group[n] for n in before if not np.array_equal(before[n], after[n])}
+    for frozen_group in ("semantic", "embed", "lm_head", "vit", "dino"):
+        assert any(g == frozen_group for g in group.values()), frozen_group
+    assert changed == {"geometry", "dino2llm", "heads"}, changed
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["ce"] > 0 and r["vg"] > 0 for r in rows if r["kind"] == "train")  # both losses were live
+
+
 def test_loss_falls_and_checkpoints_rotate(straight_run):
     cfg, result = straight_run
     # This config packs 2 samples into 3 sample slots: padded slots must not poison the gradient.
