@@ -9,7 +9,7 @@ The official release directory (as users download G2VLM-2B-MoT):
                            rope_theta, rope_scaling.mrope_section; head_dim optional)
     vit_config.json        Qwen2-VL vision config (embed_dim, depth, num_heads, mlp_ratio,
                            temporal_patch_size, spatial_merge_size, hidden_size = LLM width;
-                           patch_size optional: the official loader pins it to 14)
+                           patch_size ignored: the official loader sets 14, and so do we)
     dino_config.json       DINOv2-with-registers config (hidden_size, num_hidden_layers,
                            num_attention_heads, mlp_ratio, patch_size, image_size, num_register_tokens;
                            layer_norm_eps, layerscale_value optional with the HF defaults)
@@ -64,9 +64,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # The DINO mask token exists in the official module but only serves masked-image pretraining: read
-# if present, written as zeros. `Pi3Loss.*` is the sky-segmentation net of the training-time loss.
+# if present, written as zeros.
 MASK_TOKEN = "dino_model.embeddings.mask_token"
-IGNORED_PREFIXES = ("Pi3Loss.",)
+# Tensors a released file may hold that the official inference model does not have (its loader uses
+# strict=False and drops them): the training loss's sky-segmentation net (`Pi3Loss.*`), BAGEL's
+# legacy position tables (the official resume deletes them), the register tokens of
+# `use_registers` and the confidence decoder/head of `train_conf_pi3` (both off in the official
+# loader). Skipped with a log line; any other unexpected name is an error. (A config of ours with
+# `heads.confidence` expects and loads `conf_*`.)
+IGNORED_PREFIXES = ("Pi3Loss.", "latent_pos_embed.", "vit_pos_embed.", "register_token", "conf_decoder.", "conf_head.")
+VIT_PATCH_SIZE = 14  # the official loader sets vit_config.patch_size = 14 whatever the JSON says
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 # Architecture switches a config may carry whose other values our model cannot represent.
 FIXED_VALUES = {
@@ -120,9 +127,12 @@ def config_from_official(ckpt_dir: str | pathlib.Path) -> config_lib.ModelConfig
         mlp_hidden=_get(t, "intermediate_size", tf), rms_eps=_get(t, "rms_norm_eps", tf),
         rope_theta=float(_get(t, "rope_theta", tf)), mrope_sections=tuple(_get(rope, "mrope_section", tf)))
     vit_width = _get(v, "embed_dim", vf)
+    if v.get("patch_size", VIT_PATCH_SIZE) != VIT_PATCH_SIZE:
+        logging.warning("convert: %s says patch_size=%s; the official loader uses %d, and so does g2vlm",
+                        vf, v["patch_size"], VIT_PATCH_SIZE)
     vit = config_lib.VitConfig(
         hidden_size=vit_width, num_layers=_get(v, "depth", vf), num_heads=_get(v, "num_heads", vf),
-        mlp_hidden=int(vit_width * _get(v, "mlp_ratio", vf)), patch_size=v.get("patch_size", 14),
+        mlp_hidden=int(vit_width * _get(v, "mlp_ratio", vf)), patch_size=VIT_PATCH_SIZE,
         temporal_patch_size=_get(v, "temporal_patch_size", vf), spatial_merge_size=_get(v, "spatial_merge_size", vf))
     if _get(v, "hidden_size", vf) != hidden:
         raise ValueError(f"{vf} hidden_size {v['hidden_size']} (the merger's output) differs from {tf} hidden_size "
@@ -244,6 +254,12 @@ def check_state_dict(state_dict: Mapping[str, np.ndarray], cfg: config_lib.Model
         raise _names_error("misshapen", misshapen)
 
 
+def _ignored(state_dict: Mapping[str, np.ndarray], model: G2VLM) -> list[str]:
+    """Names of `state_dict` that `from_official` skips (IGNORED_PREFIXES, not expected by `model`)."""
+    expected = official_shapes(model.cfg, model)
+    return [n for n in state_dict if n not in expected and n.startswith(IGNORED_PREFIXES)]
+
+
 def from_official(state_dict: Mapping[str, np.ndarray], config: config_lib.ModelConfig) -> G2VLM:
     """A G2VLM (parameters in `config.param_dtype`) holding the official tensors `state_dict`.
 
@@ -265,9 +281,10 @@ def from_official(state_dict: Mapping[str, np.ndarray], config: config_lib.Model
             value = np.stack(layers) if entries[0][1] is not None else layers[0]
             params[path].set_value(jnp.asarray(value, dtype=params[path].get_value().dtype))
             bar.update(len(entries))
-    skipped = [k for k in state_dict if k.startswith(IGNORED_PREFIXES)]
+    skipped = sorted({k.split(".")[0] for k in _ignored(state_dict, model)})
     if skipped:
-        logging.info("convert: ignored %d training-only tensors (%s...)", len(skipped), IGNORED_PREFIXES)
+        logging.warning("convert: skipped tensors the official inference model does not use either: %s.*",
+                        ".*, ".join(skipped))
     return model
 
 

@@ -1,5 +1,6 @@
 """Official weights: name/layout round trip, official-layout directories, config JSONs, errors, export."""
 import json
+import logging
 import pathlib
 
 import jax
@@ -127,7 +128,7 @@ def test_sharded_directory_reads_like_one_file(tiny, official_f32, tmp_path):
         np.testing.assert_array_equal(value, want[name], err_msg=name)
 
 
-def test_bad_tensors_are_named(tiny, official_f32):
+def test_bad_tensors_are_named(tiny, official_f32, caplog):
     missing = dict(official_f32)
     del missing["language_model.model.layers.0.ls1.gamma"]
     with pytest.raises(ValueError, match="missing official tensors: language_model.model.layers.0.ls1.gamma;"):
@@ -139,8 +140,16 @@ def test_bad_tensors_are_named(tiny, official_f32):
     for name in ("point_decoder.extra.weight", "language_model.model.layers.9.mlp.up_proj.weight"):
         with pytest.raises(ValueError, match=f"unexpected official tensors: {name};"):
             convert.from_official({**official_f32, name: np.zeros(3, np.float32)}, tiny.cfg)
-    # Training-only tensors of the official module are skipped, not unexpected.
-    convert.check_state_dict({**official_f32, "Pi3Loss.point_loss.segformer.w": np.zeros(2, np.float32)}, tiny.cfg)
+    # Tensors the official inference model drops too (its loader is strict=False) are skipped, with a
+    # warning, not unexpected: the training loss's net, BAGEL's legacy tables, registers, confidence.
+    extras = {name: np.zeros(2, np.float32) for name in (
+        "Pi3Loss.point_loss.segformer.w", "latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed", "register_token",
+        "conf_decoder.blocks.0.norm1.weight", "conf_head.proj.weight")}
+    convert.check_state_dict({**official_f32, **extras}, tiny.cfg)
+    with caplog.at_level(logging.WARNING):
+        loaded = convert.from_official({**official_f32, **extras}, tiny.cfg)
+    assert "latent_pos_embed.*" in caplog.text and "conf_head.*" in caplog.text and "Pi3Loss.*" in caplog.text
+    assert all(np.array_equal(a, b) for a, b in zip(_flat(loaded).values(), _flat(tiny).values()))
     wrong = {**official_f32, "dino2llm.bias": np.zeros(5, np.float32),
              "language_model.model.layers.1.mlp.down_proj.weight": np.zeros((3, 4), np.float32)}
     with pytest.raises(ValueError, match=r"misshapen official tensors: dino2llm.bias \(5,\) \(expected \(64,\)\), "
@@ -190,6 +199,9 @@ def test_2b_config_from_official_jsons(tmp_path):
     for section in ("text", "vit", "dino", "heads"):
         assert getattr(back, section) == getattr(cfg, section), section
     assert back == cfg
+    # As the official loader, the ViT patch size is 14 whatever vit_config.json says (with a warning).
+    (tmp_path / "vit_config.json").write_text(json.dumps({**files["vit_config.json"], "patch_size": 16}))
+    assert convert.config_from_official(tmp_path).vit.patch_size == 14
     # The 2B official tensors, abstractly (nothing allocated): ~4.54 B values under the SPEC 1.7 names.
     shapes = convert.official_shapes(cfg)
     assert sum(int(np.prod(s)) for s in shapes.values()) == parameter_counts(cfg)["total"] + 1024

@@ -92,3 +92,27 @@ def test_batches_follow_the_contract_and_view_buckets(scenes):
         valid = b.gt_valid[b.sample_valid]
         assert valid.mean() > 0.5 and np.isfinite(b.gt_world_points).all()
     assert seen <= {2, 3}
+
+
+def test_fifty_steps_of_2_to_24_views_give_one_program_per_bucket():
+    """50 steps drawing V in 2..24 (buckets 2, 4, 8, 16, 24): every batch field's shape and dtype is
+    fixed by the step's bucket, so a jitted step compiles at most one program per bucket (counted
+    with a jitted function of the whole batch, whose cache is keyed like the train step's)."""
+    import jax
+
+    buckets = (2, 4, 8, 16, 24)
+    many_views = [render_scene("train", i, RenderConfig(height=35, width=35, num_views=24)).scene for i in range(4)]
+    data = _data(view_buckets=buckets, min_views=2, max_views=24, tokens_per_pack=256, augment=False)
+    maker = pipeline.BatchMaker(data, [(C.DataSource(), many_views)], process_index=0, process_count=1,
+                                augment=False, seed=5)
+    touch = jax.jit(lambda batch: sum(jax.numpy.sum(x.astype(jax.numpy.float32)) for x in jax.tree.leaves(batch)))
+    views, avals = set(), set()
+    for step in range(50):
+        arrays, _ = maker(step)
+        batch = pipeline.to_packed_batch(arrays)
+        views.add(arrays["geo_images"].shape[2])
+        avals.add(tuple((k, v.shape, str(v.dtype)) for k, v in sorted(arrays.items())))
+        touch(batch)
+    assert views <= set(buckets) and len(views) >= 3  # several buckets were drawn
+    assert len(avals) == len(views)
+    assert touch._cache_size() == len(views) <= len(buckets)

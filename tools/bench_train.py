@@ -81,7 +81,7 @@ def run(cfg: config_lib.ExperimentConfig, steps: int) -> dict:
                              "memory": memory_bytes(compiled)}
         counter.active = True
         start = time.perf_counter()
-        state, metrics = programs[key]["compiled"](state, batch)
+        state, metrics = programs[key]["compiled"](state, batch, step_fn.schedule)  # as TrainStep passes it
         metrics = jax.device_get(metrics)  # waits for the step
         seconds = time.perf_counter() - start
         counter.active = False
@@ -116,8 +116,10 @@ def report(cfg: config_lib.ExperimentConfig, result: dict, peak: float, peak_sou
     losses = [r["loss"] for r in records]
     print(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f}; non-finite steps "
           f"{sum(not r['finite'] for r in records)}; skipped records {result['skips']}")
-    print(f"compile time, all programs: {sum(p['compile_s'] for p in result['programs'].values()):.1f} s; "
-          f"compiles inside step calls: {result['step_compiles']}")
+    print(f"programs compiled: {len(result['programs'])} for {len(records)} steps (view buckets drawn: "
+          f"{sorted({key[1] for key in result['programs']})} of {list(d.view_buckets)}); compile time, all programs: "
+          f"{sum(p['compile_s'] for p in result['programs'].values()):.1f} s; compiles inside step calls: "
+          f"{result['step_compiles']}")
 
 
 def main(argv=None) -> int:
