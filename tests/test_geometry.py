@@ -119,7 +119,8 @@ def test_real_fixture_views_reproject_consistently():
     data = np.load(FIXTURE)
     depth, poses, k = data["depths"].astype(np.float64), data["poses"].astype(np.float64), data["intrinsics"].astype(np.float64)
     errors = []
-    for i, j in [(0, 1), (1, 2), (3, 4), (6, 7)]:
+    # Pairs that see the same surfaces (views 4-7 look elsewhere in the room than views 0-3).
+    for i, j in [(0, 1), (1, 2), (3, 2), (5, 4), (6, 4)]:
         valid = depth[i] > 0
         world = G.depth_to_world_points(depth[i], k[i], poses[i])[valid][::7]
         cam_j = G.transform_points(G.se3_inverse(poses[j]), world)
@@ -129,6 +130,7 @@ def test_real_fixture_views_reproject_consistently():
         inside = (z > 0) & (u >= 0) & (u < w) & (v >= 0) & (v < h)
         dj = depth[j][v[inside], u[inside]]
         ok = dj > 0
+        assert ok.sum() > 5000, f"views {i} and {j} share only {ok.sum()} sampled points"
         rel = np.abs(z[inside][ok] - dj[ok]) / dj[ok]
         errors.append(np.median(rel))
     assert max(errors) < 0.01, errors
