@@ -75,6 +75,21 @@ MASK_TOKEN = "dino_model.embeddings.mask_token"
 IGNORED_PREFIXES = ("Pi3Loss.", "latent_pos_embed.", "vit_pos_embed.", "register_token", "conf_decoder.", "conf_head.")
 VIT_PATCH_SIZE = 14  # the official loader sets vit_config.patch_size = 14 whatever the JSON says
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+# The defaults of the official config classes (InternRobotics/G2VLM modeling/qwen2vl/
+# configuration_qwen2_vl.py: Qwen2VLConfig, Qwen2VLVisionConfig; modeling/dinov2_with_registers:
+# Dinov2WithRegistersConfig) for the keys we read: the official loader builds its configs with
+# `from_json_file`, so a key a JSON lacks takes these values there. `rope_scaling` (the M-RoPE sections)
+# has no usable default and stays required.
+OFFICIAL_DEFAULTS = {
+    "text_config.json": {"vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568,
+                         "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": None,
+                         "rms_norm_eps": 1e-05, "rope_theta": 1000000.0},
+    "vit_config.json": {"depth": 32, "embed_dim": 1280, "hidden_size": 3584, "mlp_ratio": 4, "num_heads": 16,
+                        "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "dino_config.json": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "mlp_ratio": 4,
+                         "image_size": 224, "patch_size": 16, "num_register_tokens": 4, "layerscale_value": 1.0,
+                         "layer_norm_eps": 1e-6},
+}
 # Architecture switches a config may carry whose other values our model cannot represent.
 FIXED_VALUES = {
     "text_config.json": {"hidden_act": "silu"},
@@ -98,10 +113,17 @@ def _read_json(ckpt_dir: pathlib.Path, name: str) -> dict:
 
 
 def _get(cfg: dict, key: str, file: str):
-    if key not in cfg:
+    """`cfg[key]`; a key the file lacks takes the default of the official config class, as the official
+    loader's `from_json_file` does (logged), and a key without such a default is an error."""
+    if key in cfg:
+        return cfg[key]
+    defaults = OFFICIAL_DEFAULTS[file]
+    if key not in defaults:
         raise ValueError(f"{file} has no {key!r}; it is not a Qwen2-VL / DINOv2 config as the official release "
                          "writes it (re-download the checkpoint, or add the key)")
-    return cfg[key]
+    logging.warning("convert: %s has no %r; using %r, the default of the official config class", file, key,
+                    defaults[key])
+    return defaults[key]
 
 
 def _check_fixed(configs: dict[str, dict]) -> None:
@@ -113,7 +135,8 @@ def _check_fixed(configs: dict[str, dict]) -> None:
 
 
 def config_from_official(ckpt_dir: str | pathlib.Path) -> config_lib.ModelConfig:
-    """Our ModelConfig from the three official config JSONs (any size; fields they lack: SPEC 2B values)."""
+    """Our ModelConfig from the three official config JSONs (any size), read as the official loader reads them:
+    a key a file lacks takes the official config class default (logged), head sizes absent: SPEC 2B values."""
     ckpt_dir = pathlib.Path(ckpt_dir)
     configs = {n: _read_json(ckpt_dir, n) for n in CONFIG_FILES}
     _check_fixed(configs)
@@ -121,9 +144,15 @@ def config_from_official(ckpt_dir: str | pathlib.Path) -> config_lib.ModelConfig
     t, v, d = (configs[n] for n in CONFIG_FILES)
     hidden, heads = _get(t, "hidden_size", tf), _get(t, "num_attention_heads", tf)
     rope = _get(t, "rope_scaling", tf) or {}
+    # The official attention uses hidden_size // num_attention_heads and ignores a `head_dim` key.
+    head_dim = hidden // heads
+    if t.get("head_dim", head_dim) != head_dim:
+        logging.warning("convert: %s says head_dim=%s; the official model uses hidden_size // num_attention_heads "
+                        "= %d, and so does g2vlm", tf, t["head_dim"], head_dim)
+    kv_heads = _get(t, "num_key_value_heads", tf)
     text = config_lib.TextConfig(
         vocab_size=_get(t, "vocab_size", tf), hidden_size=hidden, num_layers=_get(t, "num_hidden_layers", tf),
-        num_heads=heads, num_kv_heads=_get(t, "num_key_value_heads", tf), head_dim=t.get("head_dim") or hidden // heads,
+        num_heads=heads, num_kv_heads=heads if kv_heads is None else kv_heads, head_dim=head_dim,
         mlp_hidden=_get(t, "intermediate_size", tf), rms_eps=_get(t, "rms_norm_eps", tf),
         rope_theta=float(_get(t, "rope_theta", tf)), mrope_sections=tuple(_get(rope, "mrope_section", tf)))
     vit_width = _get(v, "embed_dim", vf)
@@ -143,7 +172,7 @@ def config_from_official(ckpt_dir: str | pathlib.Path) -> config_lib.ModelConfig
         num_heads=_get(d, "num_attention_heads", df),
         mlp_hidden=int(dino_width * _get(d, "mlp_ratio", df)), patch_size=dino_patch,
         num_registers=_get(d, "num_register_tokens", df), pos_grid=_get(d, "image_size", df) // dino_patch,
-        layerscale_init=float(d.get("layerscale_value", 1.0)), ln_eps=float(d.get("layer_norm_eps", 1e-6)))
+        layerscale_init=float(_get(d, "layerscale_value", df)), ln_eps=float(_get(d, "layer_norm_eps", df)))
     heads = config_lib.from_dict(config_lib.HeadsConfig, t.get(HEADS_KEY, {}))
     return config_lib.ModelConfig(text=text, vit=vit, dino=dino, heads=heads, use_vit=bool(t.get(USE_VIT_KEY, True)))
 
@@ -151,6 +180,9 @@ def config_from_official(ckpt_dir: str | pathlib.Path) -> config_lib.ModelConfig
 def official_config_files(cfg: config_lib.ModelConfig) -> dict[str, dict]:
     """The three official config JSONs for `cfg` (inverse of `config_from_official`)."""
     t, v, d = cfg.text, cfg.vit, cfg.dino
+    if t.head_dim * t.num_heads != t.hidden_size:
+        raise ValueError(f"text head_dim={t.head_dim} x num_heads={t.num_heads} != hidden_size={t.hidden_size}: the "
+                         "official model derives head_dim = hidden_size // num_attention_heads and could not load it")
     text = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "hidden_act": "silu",
             "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "num_hidden_layers": t.num_layers,
             "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads, "head_dim": t.head_dim,

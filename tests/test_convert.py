@@ -172,13 +172,13 @@ def test_bad_directories_are_named(tiny, tmp_path, capsys):
         convert.read_official_dir(src)
     good_text = (src / "text_config.json").read_text()
     text = json.loads(good_text)
-    del text["num_key_value_heads"]
+    del text["rope_scaling"]
     (src / "text_config.json").write_text(json.dumps(text))
-    with pytest.raises(ValueError, match="text_config.json has no 'num_key_value_heads'"):
+    with pytest.raises(ValueError, match="text_config.json has no 'rope_scaling'"):
         convert.config_from_official(src)
     # Through the CLI: one line naming the problem, exit status 2.
     assert cli.main(["convert", "--official", str(src), "--out", str(tmp_path / "ours")]) == 2
-    assert "text_config.json has no 'num_key_value_heads'" in capsys.readouterr().err
+    assert "text_config.json has no 'rope_scaling'" in capsys.readouterr().err
     (src / "text_config.json").write_text(json.dumps({**json.loads(good_text), "hidden_act": "gelu"}))
     with pytest.raises(ValueError, match="text_config.json: hidden_act='gelu' is not supported"):
         convert.config_from_official(src)
@@ -210,6 +210,39 @@ def test_2b_config_from_official_jsons(tmp_path):
     assert shapes["dino_model.embeddings.position_embeddings"] == (1, 1370, 1024)
     assert shapes["language_model.model.layers.27.self_attn.k_proj_moe_geo.weight"] == (256, 1536)
     assert shapes["camera_head.fc_rot.weight"] == (9, 512)
+
+
+def test_missing_config_keys_take_the_official_class_defaults(tmp_path, caplog):
+    """As the official loader (`from_json_file`): an absent key is the official config class default, logged."""
+    cfg = C.g2vlm_2b_model()
+    files = convert.official_config_files(cfg)
+    same_as_default = {"vit_config.json": ["mlp_ratio", "depth", "embed_dim", "num_heads", "spatial_merge_size",
+                                           "temporal_patch_size"],
+                       "dino_config.json": ["mlp_ratio", "num_register_tokens", "layerscale_value", "layer_norm_eps"],
+                       "text_config.json": ["rope_theta", "head_dim"]}
+    for name, keys in same_as_default.items():
+        for key in keys:
+            del files[name][key]
+    for name, content in files.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    with caplog.at_level(logging.WARNING):
+        assert convert.config_from_official(tmp_path) == cfg
+    for name, keys in same_as_default.items():
+        for key in set(keys) - {"head_dim"}:  # head_dim is derived, not read
+            assert f"{name} has no '{key}'; using" in caplog.text, (name, key)
+    # Defaults that differ from the 2B values change the config exactly as they change the official one.
+    del files["dino_config.json"]["image_size"], files["text_config.json"]["num_key_value_heads"]
+    for name, content in files.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    back = convert.config_from_official(tmp_path)
+    assert back.dino.pos_grid == 224 // 14 and back.text.num_kv_heads == cfg.text.num_heads
+    # A JSON head_dim the official attention would ignore is ignored here too; an export that the
+    # official model could not express is refused.
+    (tmp_path / "text_config.json").write_text(json.dumps({**files["text_config.json"], "head_dim": 64}))
+    assert convert.config_from_official(tmp_path).text.head_dim == 128
+    with pytest.raises(ValueError, match="head_dim=64 x num_heads=12 != hidden_size=1536"):
+        convert.official_config_files(C.g2vlm_2b_model(text=C.TextConfig(
+            **{**C.to_dict(cfg.text), "head_dim": 64, "mrope_sections": (8, 12, 12)})))
 
 
 def test_export_writes_bf16_params_only(tiny_trained_run, tmp_path, capsys):
