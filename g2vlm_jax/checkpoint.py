@@ -25,6 +25,7 @@ from absl import logging
 from etils import epath
 
 from g2vlm_jax import config as config_lib
+from g2vlm_jax import meeting
 
 ITEMS = ("state", "data", "metadata")
 
@@ -147,10 +148,7 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
             if src.exists() and not dst.exists():
                 src.rename(dst)
                 logging.warning("checkpoint %s set aside as %s", src, dst.name)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("g2vlm_checkpoint_set_aside")
+    meeting.wait("checkpoints set aside")  # the others may not reload before process 0 renamed them
     manager.reload()
 
 

@@ -17,9 +17,14 @@ import pathlib
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from g2vlm_jax import config as config_lib
 from g2vlm_jax import geometry
+from g2vlm_jax import meeting
+from g2vlm_jax import sharding as sharding_lib
 from g2vlm_jax.metrics import depth as depth_metrics
 from g2vlm_jax.metrics import pointmap as pointmap_metrics
 from g2vlm_jax.metrics import pose as pose_metrics
@@ -56,14 +61,23 @@ def _mean_of(dicts: list[dict]) -> dict:
 
 def run_reconstruction(spec, cfg: config_lib.ExperimentConfig, state, *, num_batches: int,
                        keep_examples: int = 2) -> tuple[dict, list]:
-    """Runs the model over `num_batches` held-out batches; returns (report, example predictions)."""
-    forward = jax.jit(lambda s, b: step_lib.eval_geometry(spec, cfg, s, b))
+    """Runs the model over `num_batches` held-out batches; returns (report, example predictions).
+
+    Each process predicts and scores its own packs (its share of the global batch, as in training);
+    the per-sample metrics of every process make one report, the same on every process. The examples
+    (for pictures) are this process's.
+    """
+    mesh = jax.tree.leaves(state)[0].sharding.mesh
+    packs = sharding_lib.batch_sharding(mesh)
+    forward = meeting.MeetBeforeRunning(jax.jit(
+        lambda s, b: step_lib.eval_geometry(spec, cfg, s, b), out_shardings=(packs, NamedSharding(mesh, P()))),
+        "reconstruction evaluator")
     results, examples = [], []
-    vg_total, vg_samples = 0.0, 0
+    vg_total = 0.0
     for batch in data_lib.eval_batches(cfg, num_batches):
-        geo, vg_sum = jax.device_get(forward(state, data_lib.to_global(batch, None)))
-        vg_total += float(vg_sum)
-        vg_samples += int(np.sum(batch.sample_valid))
+        geo, vg_sum = forward(state, data_lib.to_global(batch, packs))
+        vg_total += float(meeting.to_host(vg_sum))  # replicated: the sum over every process's packs
+        geo = jax.device_get(multihost_utils.global_array_to_host_local_array(geo, mesh, packs.spec))
         for b, s in zip(*np.nonzero(np.asarray(batch.sample_valid))):
             pred = {k: np.asarray(v[b, s], np.float64) for k, v in geo.items()}
             gt = {"world_points": np.asarray(batch.gt_world_points[b, s], np.float64),
@@ -72,7 +86,8 @@ def run_reconstruction(spec, cfg: config_lib.ExperimentConfig, state, *, num_bat
             results.append(evaluate_reconstruction_sample(pred, gt))
             if len(examples) < keep_examples:
                 examples.append((pred, gt))
-    report = {"num_samples": len(results), "vg_loss": vg_total / max(vg_samples, 1)}
+    results = [r for per_process in meeting.gather("reconstruction results", results) for r in per_process]
+    report = {"num_samples": len(results), "vg_loss": vg_total / max(len(results), 1)}
     for part in ("depth", "pointmap", "pose"):
         report[part] = _mean_of([r[part] for r in results if part in r])
     return report, examples
@@ -80,9 +95,14 @@ def run_reconstruction(spec, cfg: config_lib.ExperimentConfig, state, *, num_bat
 
 def run_evaluators(spec, cfg: config_lib.ExperimentConfig, state, workdir: pathlib.Path, *, step: int,
                    write_pictures: bool) -> dict:
-    """Runs every evaluator of `cfg.eval`, writes the JSON report (and pictures), returns the report."""
+    """Runs every evaluator of `cfg.eval`, writes the JSON report (and pictures), returns the report.
+
+    Every process of a multi-process run calls it (each evaluates its share); process 0 writes.
+    """
     out_dir = pathlib.Path(workdir) / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    write_pictures = write_pictures and jax.process_index() == 0
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
     report = {"experiment": cfg.name, "step": step, "split": cfg.data.eval_split}
     for name in cfg.eval.evaluators:
         if name == "reconstruction":
@@ -99,10 +119,11 @@ def run_evaluators(spec, cfg: config_lib.ExperimentConfig, state, workdir: pathl
                 from g2vlm_jax import eval_pictures
 
                 report[name]["pictures"] = eval_pictures.accuracy_table(report[name], out_dir)
-    text = json.dumps(report, indent=1, sort_keys=True, default=float)
-    (out_dir / f"report_step{step}.json").write_text(text)
-    if write_pictures:
-        (out_dir / "report.json").write_text(text)
+    if jax.process_index() == 0:
+        text = json.dumps(report, indent=1, sort_keys=True, default=float)
+        (out_dir / f"report_step{step}.json").write_text(text)
+        if write_pictures:
+            (out_dir / "report.json").write_text(text)
     return report
 
 
@@ -123,7 +144,6 @@ def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib
     The report and pictures go to `<run_dir>/eval/`.
     """
     from g2vlm_jax import checkpoint as ckpt_lib
-    from g2vlm_jax import sharding as sharding_lib
     from g2vlm_jax.training import state as state_lib
 
     run_dir = pathlib.Path(run_dir).absolute()

@@ -22,8 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from data_pipelines import sequence
+from g2vlm_jax import meeting
 from g2vlm_jax.batch import PackedBatch
 from g2vlm_jax.model.attention import MaskInfo
 from g2vlm_jax.model.kv_cache import KVCache
@@ -148,6 +151,12 @@ def _decode(graphdef, state, token: jax.Array, position: jax.Array, order: jax.A
     return logits[:, 0], cache
 
 
+# Every process of a multi-process run (the evaluator during training) compiles a new prompt shape
+# before any of them runs it (g2vlm_jax/meeting.py).
+_prefill = meeting.MeetBeforeRunning(_prefill, "generation prefill", static_argnums=(0, 4))
+_decode = meeting.MeetBeforeRunning(_decode, "generation decode", static_argnums=(0,))
+
+
 def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
     """logits float32[B, vocab] -> int32[B]: argmax when temperature == 0, else nucleus sampling."""
     if temperature <= 0:
@@ -161,6 +170,23 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: f
         threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+def _to_devices(tree, state):
+    """Host inputs of the jitted prefill/decode. With one process: plain device arrays. When the model
+    spans processes: replicated over its mesh (every process passes the same prompts, e.g. the
+    spatial-QA evaluator's)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(jnp.asarray, tree)
+    replicated = NamedSharding(jax.tree.leaves(state)[0].sharding.mesh, P())
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), replicated,
+                                                               lambda index: np.asarray(x)[index]), tree)
+
+
+def _local(x):
+    """An output of prefill/decode where this process can use it: itself with one process, else the
+    whole array on the host (sampling then runs on this process's default device)."""
+    return x if jax.process_count() == 1 else meeting.to_host(x)
 
 
 @dataclasses.dataclass
@@ -185,8 +211,9 @@ def generate(model: nnx.Module, tok: Tokenizer, prompts: list[Prompt], *, max_ne
     graphdef, state = nnx.split(model)
     length = pb.batch.token_ids.shape[1]
     capacity = length + max_new_tokens
-    logits, cache, geometry = _prefill(graphdef, state, jax.tree.map(jnp.asarray, pb.batch),
-                                       jnp.asarray(pb.last_slot), capacity)
+    logits, cache, geometry = _prefill(graphdef, state, _to_devices(pb.batch, state),
+                                       _to_devices(pb.last_slot, state), capacity)
+    logits = _local(logits)
     key = jax.random.key(seed)
     stop = tok.special.im_end
     b = len(prompts)
@@ -208,8 +235,9 @@ def generate(model: nnx.Module, tok: Tokenizer, prompts: list[Prompt], *, max_ne
         if done.all() or i == max_new_tokens - 1:
             break
         # length + i + 1 <= capacity always holds here: the cache never overflows.
-        logits, cache = _decode(graphdef, state, token, jnp.asarray(pb.next_position + i),
-                                jnp.asarray(pb.next_order + i), cache)
+        logits, cache = _decode(graphdef, state, *_to_devices((host, pb.next_position + i, pb.next_order + i), state),
+                                cache)
+        logits = _local(logits)
     texts = [tok.decode(ids).strip() for ids in out_ids]  # the answer item starts with "\n"
-    geometry = jax.device_get(geometry) if geometry is not None else None
+    geometry = meeting.to_host(geometry) if geometry is not None else None
     return Generation(out_ids, texts, np.stack(steps_logits, axis=1) if keep_logits else None, geometry)

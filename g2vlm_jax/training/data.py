@@ -9,6 +9,7 @@ import jax
 
 from data_pipelines import pipeline
 from g2vlm_jax import config as config_lib
+from g2vlm_jax import meeting
 from g2vlm_jax.batch import PackedBatch
 
 
@@ -18,14 +19,12 @@ def prepare_sources(cfg: config_lib.ExperimentConfig, *, train: bool) -> None:
     same tfds folder and all but one fail (tfds renames its temporary folder into place)."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     if jax.process_index() == 0:
         for source in cfg.data.sources if train else ():
             pipeline.open_source(source, cfg.data, "train", cfg.run_dir)
         for source in cfg.data.eval_sources:
             pipeline.open_source(source, cfg.data, cfg.data.eval_split, cfg.run_dir)
-    multihost_utils.sync_global_devices("g2vlm: datasets prepared")
+    meeting.wait("datasets prepared")  # a barrier, not a collective: building may take minutes
 
 
 def make_train_iterator(cfg: config_lib.ExperimentConfig) -> pipeline.BatchIterator:

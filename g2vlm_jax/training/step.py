@@ -18,6 +18,7 @@ from flax import nnx
 
 from g2vlm_jax import config as config_lib
 from g2vlm_jax import losses
+from g2vlm_jax import meeting
 from g2vlm_jax.batch import PackedBatch
 from g2vlm_jax.training import optim as optim_lib
 from g2vlm_jax.training.state import StateSpec, TrainState
@@ -127,7 +128,11 @@ def train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainSt
 
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
-    """The jitted train step, called as `step(state, batch)`; passes the schedule as an argument."""
+    """The jitted train step, called as `step(state, batch)`; passes the schedule as an argument.
+
+    `jitted` is a `meeting.MeetBeforeRunning`: in a multi-process run every process compiles a new
+    bucket's program before any of them runs it (gloo's 30 s rendezvous would not wait for a compile).
+    """
 
     jitted: Callable
     schedule: optim_lib.LearningRateSchedule
@@ -145,7 +150,7 @@ def make_train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state_sha
     fn = functools.partial(train_step, spec, cfg)
     jitted = jax.jit(fn, in_shardings=(state_shardings, batch_shardings, None), out_shardings=(state_shardings, None),
                      donate_argnums=(0,))
-    return TrainStep(jitted, optim_lib.LearningRateSchedule.from_config(cfg.optim))
+    return TrainStep(meeting.MeetBeforeRunning(jitted, "train step"), optim_lib.LearningRateSchedule.from_config(cfg.optim))
 
 
 def eval_geometry(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainState, batch: PackedBatch):
