@@ -19,6 +19,7 @@ from absl import logging
 from g2vlm_jax import checkpoint as ckpt_lib
 from g2vlm_jax import config as config_lib
 from g2vlm_jax import flops as flops_lib
+from g2vlm_jax import meeting
 from g2vlm_jax import sharding as sharding_lib
 from g2vlm_jax.training import data as data_lib
 from g2vlm_jax.training import init as init_lib
@@ -86,6 +87,7 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
 
     # ---- Resume, or initialise from an earlier stage -----------------------------------------
     manager = ckpt_lib.make_manager(cfg.checkpoint_dir, cfg.checkpoint)
+    meeting.wait("train state created")  # Orbax's restore synchronises with collectives: arrive together
     restored = ckpt_lib.restore_latest(manager, state, shardings, cfg, set_aside_unreadable=True)
     if restored is not None:
         start_step, state, data_state = restored
