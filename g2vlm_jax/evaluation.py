@@ -67,7 +67,7 @@ def run_reconstruction(spec, cfg: config_lib.ExperimentConfig, state, *, num_bat
     the per-sample metrics of every process make one report, the same on every process. The examples
     (for pictures) are this process's.
     """
-    mesh = jax.tree.leaves(state)[0].sharding.mesh
+    mesh = sharding_lib.mesh_of(state)
     packs = sharding_lib.batch_sharding(mesh)
     forward = meeting.MeetBeforeRunning(jax.jit(
         lambda s, b: step_lib.eval_geometry(spec, cfg, s, b), out_shardings=(packs, NamedSharding(mesh, P()))),
@@ -100,8 +100,9 @@ def run_evaluators(spec, cfg: config_lib.ExperimentConfig, state, workdir: pathl
     Every process of a multi-process run calls it (each evaluates its share); process 0 writes.
     """
     out_dir = pathlib.Path(workdir) / "eval"
-    write_pictures = write_pictures and jax.process_index() == 0
-    if jax.process_index() == 0:
+    writer = jax.process_index() == 0
+    write_pictures = write_pictures and writer
+    if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
     report = {"experiment": cfg.name, "step": step, "split": cfg.data.eval_split}
     for name in cfg.eval.evaluators:
@@ -119,7 +120,7 @@ def run_evaluators(spec, cfg: config_lib.ExperimentConfig, state, workdir: pathl
                 from g2vlm_jax import eval_pictures
 
                 report[name]["pictures"] = eval_pictures.accuracy_table(report[name], out_dir)
-    if jax.process_index() == 0:
+    if writer:
         text = json.dumps(report, indent=1, sort_keys=True, default=float)
         (out_dir / f"report_step{step}.json").write_text(text)
         if write_pictures:

@@ -14,7 +14,7 @@ DEADLINE_EXCEEDED"). So the processes meet first, at a barrier of the coordinati
   key-value store again: per-sample evaluation results of different lengths);
 - `to_host(tree)`: numpy copies of whole (global) arrays on every process.
 
-With one process both are plain calls. A peer that dies while the others wait is caught by the peer
+With one process each is a plain call. A peer that dies while the others wait is caught by the peer
 watch (g2vlm_jax/peer_watch.py) long before the timeout.
 """
 from __future__ import annotations

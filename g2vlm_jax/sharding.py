@@ -252,6 +252,11 @@ def activation_sharding(mesh: Mesh, preset: str):
         _ACTIVE.stack.pop()
 
 
+def mesh_of(tree: Any) -> Mesh:
+    """The mesh that the (sharded) arrays of `tree` live on, e.g. a train state's."""
+    return jax.tree.leaves(tree)[0].sharding.mesh
+
+
 def active_mesh() -> Mesh | None:
     """The mesh of the innermost `activation_sharding` block, or None outside one."""
     return _ACTIVE.stack[-1][0] if _ACTIVE.stack else None

@@ -32,10 +32,6 @@ print("REPORT " + json.dumps(report, default=float), flush=True)
 """
 
 
-def _scalars(report: dict) -> dict:
-    return {k: v for k, v in evaluation.flatten_scalars(report).items()}
-
-
 def test_two_processes_write_the_one_process_report(tmp_path):
     port = multihost.free_port()
     env = dict(os.environ, PYTHONPATH=str(multihost.ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -59,9 +55,9 @@ def test_two_processes_write_the_one_process_report(tmp_path):
                                                              write_pictures=True), default=float))
 
     assert single["reconstruction"]["num_samples"] >= 4 and single["spatial_qa"]["num_questions"] == 4
-    expected = _scalars(single)
+    expected = evaluation.flatten_scalars(single)
     for report in reports:  # every process returns the whole report
-        got = _scalars(report)
+        got = evaluation.flatten_scalars(report)
         assert got.keys() == expected.keys()
         for key, value in expected.items():
             np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
@@ -69,5 +65,5 @@ def test_two_processes_write_the_one_process_report(tmp_path):
             [e["prediction"] for e in single["spatial_qa"]["examples"]]
     # Process 0 alone wrote the report and the pictures.
     written = json.loads((workdir / "eval" / "report.json").read_text())
-    assert _scalars(written) == _scalars(reports[0])
+    assert evaluation.flatten_scalars(written) == evaluation.flatten_scalars(reports[0])
     assert set(p.name for p in (workdir / "eval").iterdir()) == set(p.name for p in (tmp_path / "one" / "eval").iterdir())

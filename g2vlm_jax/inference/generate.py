@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from data_pipelines import sequence
 from g2vlm_jax import meeting
+from g2vlm_jax import sharding as sharding_lib
 from g2vlm_jax.batch import PackedBatch
 from g2vlm_jax.model.attention import MaskInfo
 from g2vlm_jax.model.kv_cache import KVCache
@@ -178,7 +179,7 @@ def _to_devices(tree, state):
     spatial-QA evaluator's)."""
     if jax.process_count() == 1:
         return jax.tree.map(jnp.asarray, tree)
-    replicated = NamedSharding(jax.tree.leaves(state)[0].sharding.mesh, P())
+    replicated = NamedSharding(sharding_lib.mesh_of(state), P())
     return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), replicated,
                                                                lambda index: np.asarray(x)[index]), tree)
 
