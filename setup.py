@@ -40,8 +40,9 @@ setup(
     python_requires=">=3.11",
     install_requires=REQUIRED,
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100"],
-        # libtpu alone lets tools/aot_compile.py compile for any TPU slice on a CPU-only machine;
+        # pytest-timeout: a stuck test fails the run within its limit, named (see pytest.ini).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+        # libtpu alone lets `g2vlm aot` compile for any TPU slice on a CPU-only machine;
         # pinned to the build tested with jax 0.10.2 (compiled memory figures change with it).
         "tpu-aot": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
     },

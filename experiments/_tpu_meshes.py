@@ -1,11 +1,7 @@
-"""TPU slices: chip facts, and the mesh of the G2VLM-2B experiments per generation and slice size.
+"""The mesh of the G2VLM-2B experiments per TPU generation and slice size.
 
-A slice is named by its topology as libtpu spells it, `GEN:AxB[xC]` (chips per dimension), e.g.
-`v5e:16x16` (256 chips) or `v5p:4x4x8` (128 chips). Cloud accelerator types count differently:
-v4/v5p types count TensorCores (v5p-256 = 128 chips = `v5p:4x4x8`), v5e/v6e types count chips
-(v5litepod-256 = `v5e:16x16`).
-
-The mesh table was chosen with `tools/aot_compile.py` (the compiled per-chip peak against the
+Slices are named by topology, `GEN:AxB[xC]` (g2vlm_jax/chips.py, which also holds each chip's HBM
+and peak FLOP/s). The mesh table was chosen with `g2vlm aot` (the compiled per-chip peak against the
 chip's HBM; committed reports under experiments/aot/). The reasoning, per generation:
 
 - Parameters (2.2 B, float32) and the trainable half's Adam moments are ~27-36 GB in all, so they
@@ -19,34 +15,8 @@ chip's HBM; committed reports under experiments/aot/). The reasoning, per genera
 """
 from __future__ import annotations
 
-import math
-import re
-
 from g2vlm_jax import config as c
-
-GIB = 1024**3
-# HBM per chip (bytes) and the device-kind prefix libtpu reports for each generation.
-HBM_BYTES = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
-# v4 runs its two TensorCores as one device ("megacore"); libtpu's default topology would give two.
-CHIP_CONFIG = {"v4": "megacore"}
-
-_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+)x(\d+)(?:x(\d+))?$")
-
-
-def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
-    """'v5p:4x4x8' -> ('v5p', (4, 4, 8)); errors name the accepted form."""
-    m = _TOPOLOGY.match(name)
-    if not m:
-        raise c.ConfigError(f"TPU topology {name!r} is not of the form GEN:AxB[xC] with GEN in {sorted(HBM_BYTES)} "
-                            "(e.g. v5e:2x2, v5p:4x4x8)")
-    dims = tuple(int(d) for d in m.groups()[1:] if d is not None)
-    if (m.group(1) in ("v4", "v5p")) != (len(dims) == 3):
-        raise c.ConfigError(f"TPU topology {name!r}: v4/v5p slices are 3-D (AxBxC), v5e/v6e slices 2-D (AxB)")
-    return m.group(1), dims
-
-
-def num_chips(name: str) -> int:
-    return math.prod(parse_topology(name)[1])
+from g2vlm_jax.chips import num_chips, parse_topology  # noqa: F401 (re-exported for the experiments)
 
 
 # Mesh of the 2B experiments per generation and chip count (see the module docstring). 'fsdp'

@@ -3,7 +3,7 @@
 Trains the geometry expert, dino2llm and the heads with the visual-geometry loss only; the semantic
 expert (initialised from Qwen2-VL-2B via the converted official checkpoint), ViT and DINO are frozen.
 Arg: hardware preset ('', 'v5p', 'v5e', 'h100x8') or a TPU slice such as 'v5p:4x4x8' (mesh from
-experiments/_tpu_meshes.py; checked by tools/aot_compile.py, report in experiments/aot/).
+experiments/_tpu_meshes.py; checked by `g2vlm aot`, report in experiments/aot/).
 """
 from g2vlm_jax import config as c
 

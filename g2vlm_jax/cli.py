@@ -8,7 +8,7 @@
     g2vlm export  --checkpoint DIR --out OUT [--experiment E] [--dtype bfloat16] [--official]
     g2vlm convert --official CKPT_DIR --out OUT      (official release -> our params-only checkpoint)
     g2vlm convert --to-official --checkpoint DIR --out OUT   (ours -> the official release layout)
-    g2vlm aot     --experiment experiments/NAME.py --topology v5p:4x4x8 [...]  (tools/aot_compile.py)
+    g2vlm aot     --experiment experiments/NAME.py --topology v5p:4x4x8 [...]  (g2vlm_jax/aot.py)
 """
 from __future__ import annotations
 
@@ -121,9 +121,9 @@ def cmd_convert_data(args) -> int:
 
 
 def cmd_aot(args) -> int:
-    from tools import aot_compile
+    from g2vlm_jax import aot
 
-    return aot_compile.run(args)
+    return aot.run(args)
 
 
 def cmd_reconstruct(args) -> int:
@@ -132,7 +132,8 @@ def cmd_reconstruct(args) -> int:
 
     cfg, model = load.load_model(args.checkpoint, args.overrides)
     width = args.width or cfg.data.image_size[1]
-    cameras = reconstruct.reconstruct(model, load_tokenizer(cfg.data.tokenizer), args.images, args.out, width=width)
+    cameras = reconstruct.reconstruct(model, load_tokenizer(cfg.data.tokenizer), args.images, args.out, width=width,
+                                      preset=cfg.mesh.preset)
     print(f"wrote {cameras['num_points']} points of {len(cameras['views'])} views to {args.out} "
           f"(dropped {cameras['dropped_points']} non-finite)")
     return 0
@@ -232,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="with --to-official: dtype of model.safetensors")
     p.set_defaults(func=cmd_convert)
-    from tools import aot_compile  # argument definitions only; jax is imported when it runs
+    from g2vlm_jax import aot  # argument definitions only; jax is imported when it runs
 
     p = sub.add_parser("aot", help="compile an experiment's steps for a TPU slice without a TPU (memory, FLOPs)")
-    aot_compile.add_arguments(p)
+    aot.add_arguments(p)
     p.set_defaults(func=cmd_aot)
     return parser
 

@@ -314,6 +314,9 @@ class CheckpointConfig:
     keep_every: int = 0  # additionally keep every Nth step forever (0 = off)
     async_save: bool = True  # write in the background
     save_on_preemption: bool = True  # save when SIGTERM arrives
+    # Multi-process runs agree on a SIGTERM every N steps (one host all-gather each time, so that
+    # every process stops and saves at the same step); a single process checks every step.
+    preemption_check_every_steps: int = 5
     init_from: str = ""  # converted checkpoint of an earlier stage / the official release ('' = random)
     # Where the train-state checkpoints go ('' = <workdir>/checkpoints). Any path Orbax writes,
     # e.g. gs://BUCKET/runs/NAME/checkpoints, so that every host of a pod sees the same checkpoints
@@ -375,6 +378,8 @@ class ExperimentConfig:
         self.mesh.validate()
         self.eval.validate()
         _require(self.log_every > 0, "log_every", "must be > 0")
+        _require(self.checkpoint.preemption_check_every_steps > 0, "checkpoint.preemption_check_every_steps",
+                 "must be > 0")
 
 
 # --------------------------------------------------------------------------------------------------

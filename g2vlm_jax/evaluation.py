@@ -18,8 +18,6 @@ import pathlib
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from g2vlm_jax import config as config_lib
 from g2vlm_jax import geometry
@@ -69,9 +67,7 @@ def run_reconstruction(spec, cfg: config_lib.ExperimentConfig, state, *, num_bat
     """
     mesh = sharding_lib.mesh_of(state)
     packs = sharding_lib.batch_sharding(mesh)
-    forward = meeting.MeetBeforeRunning(jax.jit(
-        lambda s, b: step_lib.eval_geometry(spec, cfg, s, b), out_shardings=(packs, NamedSharding(mesh, P()))),
-        "reconstruction evaluator")
+    forward = step_lib.make_eval_step(spec, cfg, jax.tree.map(lambda x: x.sharding, state), packs)
     results, examples = [], []
     vg_total = 0.0
     for batch in data_lib.eval_batches(cfg, num_batches):

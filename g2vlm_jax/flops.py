@@ -37,19 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from g2vlm_jax import chips
 from g2vlm_jax.batch import GEO_PATCH
 from g2vlm_jax.config import DinoConfig, ModelConfig, TextConfig, VitConfig
 from g2vlm_jax.model.attention import MaskInfo, build_mask
 
 # Dense bf16 peak FLOP/s per device, matched against `jax.Device.device_kind` (first match wins).
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("v6 lite", 918e12), ("v6e", 918e12),  # TPU v6e (Trillium)
-    ("v5 lite", 197e12), ("v5e", 197e12),  # TPU v5e
-    ("v5p", 459e12), ("tpu v5", 459e12),  # TPU v5p reports "TPU v5"
-    ("v4", 275e12),  # TPU v4
-    ("h200", 989e12), ("h100", 989e12),  # SXM parts (H100 PCIe: 756e12)
-    ("a100", 312e12),
-)
 PIXEL_HEAD_CHANNELS = 3  # local and global point heads: C = 3 channels per pixel
 
 
@@ -257,13 +250,8 @@ def step_flops(cfg: ModelConfig, batch) -> StepFlops:
 # Device peaks and MFU
 # --------------------------------------------------------------------------------------------------
 def peak_flops(device_kind: str) -> float:
-    """Dense bf16 peak FLOP/s of one device, from `PEAK_BF16_FLOPS` (e.g. jax.devices()[0].device_kind)."""
-    kind = device_kind.lower()
-    for pattern, peak in PEAK_BF16_FLOPS:
-        if pattern in kind:
-            return peak
-    raise ValueError(f"no peak FLOP/s known for device kind {device_kind!r}; pass a measured peak instead "
-                     "(e.g. measure_matmul_flops() on CPU) or add the device to flops.PEAK_BF16_FLOPS")
+    """Dense bf16 peak FLOP/s of one device (e.g. jax.devices()[0].device_kind), from g2vlm_jax/chips.py."""
+    return chips.chip_of(device_kind).peak_bf16_flops
 
 
 def measure_matmul_flops(size: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
@@ -285,7 +273,7 @@ def run_peak_flops() -> float:
 
     TPU/GPU: the nominal bf16 peak of the device kind times the device count. CPU: the measured
     matmul rate of one host times the process count (fake CPU devices share their host's cores).
-    0.0 (no MFU logged, with a warning) for an accelerator kind missing from `PEAK_BF16_FLOPS`.
+    0.0 (no MFU logged, with a warning) for an accelerator kind missing from g2vlm_jax/chips.py.
     """
     if jax.default_backend() == "cpu":
         return measure_matmul_flops() * jax.process_count()

@@ -27,16 +27,24 @@ dimension is replicated. So the activation names ('batch', 'length', 'embed') un
 P(('data', 'fsdp'), None, None): 'embed' would reuse 'fsdp' and falls back to replication.
 A parameter dimension that its mesh axes do not divide is replicated (logged) instead of failing.
 
+Activation rules are bound to the jitted program, not to the caller: `jit_sharded(fn, mesh,
+preset)` is `jax.jit(fn)` whose tracing always happens under the preset's rules on that mesh, so
+the program that runs is the program that was lowered, whoever calls or lowers it (the trainer,
+the evaluators, generation, the AOT tool). Inside it, `constrain` places activations and
+`bound_mesh()` gives shard_map kernels (model/kernels/tpu_flash.py) their mesh. Outside any such
+program `constrain` is a no-op (one device, plain jit).
+
 Typical use:
 
     mesh = make_mesh(cfg.mesh)
     model = create_sharded_model(lambda: G2VLM(cfg.model, rngs=nnx.Rngs(0)), mesh, cfg.mesh.preset)
-    with activation_sharding(mesh, cfg.mesh.preset):      # active while jit traces the step
-        loss = train_step(model, jax.device_put(batch, batch_sharding(mesh)))
+    step = jit_sharded(train_step, mesh, cfg.mesh.preset)
+    loss = step(model, shard_batch(batch, mesh))
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -234,39 +242,67 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 # --------------------------------------------------------------------------------------------------
 # Activation constraints
 # --------------------------------------------------------------------------------------------------
-class _ActiveRules(threading.local):
+class _BoundRules(threading.local):
+    """The (mesh, rules) of the jitted programs being traced on this thread, innermost last."""
+
     def __init__(self):
         self.stack: list[tuple[Mesh, LogicalRules]] = []
 
 
-_ACTIVE = _ActiveRules()
+_BOUND = _BoundRules()
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, preset: str):
-    """Makes `constrain` active (with this mesh and preset) for code traced inside the block."""
-    _ACTIVE.stack.append((mesh, rules_for(preset)))
+def _tracing_under(mesh: Mesh, preset: str):
+    _BOUND.stack.append((mesh, rules_for(preset)))
     try:
         yield
     finally:
-        _ACTIVE.stack.pop()
+        _BOUND.stack.pop()
+
+
+def jit_sharded(fn: Callable, mesh: Mesh, preset: str, **jit_kwargs) -> Callable:
+    """`jax.jit(fn, **jit_kwargs)` traced under `preset`'s activation rules on `mesh`.
+
+    The rules are part of the program: every call and every `.lower(...)` traces `fn` with them,
+    wherever that happens. `jit_kwargs` are jax.jit's (in/out_shardings, donate_argnums,
+    static_argnames, ...).
+    """
+    rules_for(preset)  # an unknown preset fails here, not at the first trace
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with _tracing_under(mesh, preset):
+            return fn(*args, **kwargs)
+
+    # The program's name (jit_<name> in HLO, profiles, dumps): a partial's function's name.
+    traced.__name__ = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "program")
+    return jax.jit(traced, **jit_kwargs)
 
 
 def mesh_of(tree: Any) -> Mesh:
-    """The mesh that the (sharded) arrays of `tree` live on, e.g. a train state's."""
-    return jax.tree.leaves(tree)[0].sharding.mesh
+    """The mesh that the (sharded) arrays of `tree` live on, e.g. a train state's.
+
+    Arrays on one device (a model loaded for inference) give a 1-device mesh of that device.
+    """
+    sharding = jax.tree.leaves(tree)[0].sharding
+    if isinstance(sharding, NamedSharding):
+        return sharding.mesh
+    (device,) = sharding.device_set
+    return Mesh(np.array([device]).reshape((1,) * len(MESH_AXES)), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def active_mesh() -> Mesh | None:
-    """The mesh of the innermost `activation_sharding` block, or None outside one."""
-    return _ACTIVE.stack[-1][0] if _ACTIVE.stack else None
+def bound_mesh() -> Mesh | None:
+    """The mesh of the `jit_sharded` program being traced, or None outside one."""
+    return _BOUND.stack[-1][0] if _BOUND.stack else None
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint of an activation by logical names; a no-op outside `activation_sharding`."""
-    if not _ACTIVE.stack:
+    """Sharding constraint of an activation by logical names; a no-op outside a `jit_sharded` program."""
+    if not _BOUND.stack:
         return x
-    mesh, rules = _ACTIVE.stack[-1]
+    mesh, rules = _BOUND.stack[-1]
     if len(names) != x.ndim:
         raise ValueError(f"constrain: {len(names)} names {tuple(names)} for an array of rank {x.ndim}")
     spec = fit_spec(logical_to_spec(names, rules), x.shape, mesh)

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for TPU slices (tools/aot_compile.py) and the 2B mesh table.
+"""Ahead-of-time compilation for TPU slices (g2vlm_jax/aot.py, `g2vlm aot`) and the 2B mesh table.
 
 The compile tests need libtpu (`pip install -e ".[test,tpu-aot]"`, no TPU) and are skipped without
 it; the shape and table tests run everywhere. The committed 2B reports (experiments/aot/*.json) are
@@ -21,8 +21,8 @@ import pytest
 from experiments import _g2vlm_2b_common as common
 from experiments import _tpu_meshes
 from g2vlm_jax import config as config_lib
+from g2vlm_jax import aot
 from g2vlm_jax import flops
-from tools import aot_compile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "experiments/tiny_synthetic.py:test"
@@ -73,7 +73,7 @@ def test_data_buckets_are_what_the_pipeline_draws():
 
     data = config_lib.DataConfig(image_size=(518, 518), aspect_range=(0.5, 1.0), aspect_buckets=4,
                                  view_buckets=(2, 4, 8, 16, 24), min_views=3, max_views=12)
-    buckets = aot_compile.data_buckets(data)
+    buckets = aot.data_buckets(data)
     rng = np.random.default_rng(0)
     drawn = {pipeline.draw_bucket(data, rng) for _ in range(2000)}
     assert drawn == set(buckets)  # every reachable bucket, and only those (2 and 16/24 views are not)
@@ -85,7 +85,7 @@ def test_every_2b_bucket_fits_the_token_budget(name):
     """Each view count x aspect the experiment can draw holds at least one sample in a pack (the
     pipeline raises otherwise, at the first such draw: hours into a pod run)."""
     cfg = config_lib.load_experiment(f"experiments/{name}.py")
-    shapes = aot_compile.train_shapes(cfg, "all") + [aot_compile.eval_shape_of(cfg)]
+    shapes = aot.train_shapes(cfg, "all") + [aot.eval_shape_of(cfg)]
     assert all(1 <= s.sample_slots and s.length == cfg.data.tokens_per_pack for s in shapes)
     assert max(s.views for s in shapes) == cfg.data.max_views
 
@@ -95,7 +95,7 @@ def test_abstract_batch_matches_the_pipeline(tmp_path):
 
     cfg = config_lib.load_experiment(TINY, [f"workdir={tmp_path}"])
     real = pipeline.make_eval_batches(cfg.data, cfg.run_dir, 1)[0]
-    abstract = aot_compile.abstract_batch(aot_compile.eval_shape_of(cfg), cfg.data.packs_per_step, None)
+    abstract = aot.abstract_batch(aot.eval_shape_of(cfg), cfg.data.packs_per_step, None)
     for name in real.as_numpy_dict():
         got, want = getattr(abstract, name), np.asarray(getattr(real, name))
         assert (got.shape, np.dtype(got.dtype)) == (want.shape, want.dtype), name
@@ -108,22 +108,22 @@ def test_model_flops_of_a_full_pack_match_step_flops(tmp_path):
     real = pipeline.make_eval_batches(cfg.data, cfg.run_dir, 1)[0]
     # Synthetic recon samples all have the same length, so real packs hold as many as fit, like ours.
     assert np.asarray(real.sample_valid).sum(axis=1).min() == 2
-    per_pack = aot_compile.model_flops_per_pack(cfg, aot_compile.eval_shape_of(cfg))
+    per_pack = aot.model_flops_per_pack(cfg, aot.eval_shape_of(cfg))
     want = flops.step_flops(cfg.model, real).train_total / cfg.data.packs_per_step
     assert per_pack == pytest.approx(want, rel=1e-6)
 
 
 def test_golden_comparison_flags_what_moved():
     golden = json.loads((ROOT / "experiments" / "aot" / "tiny_synthetic_test.v5e-2x2.json").read_text())
-    assert aot_compile.compare_reports(golden, golden, TOLERANCE) == []
+    assert aot.compare_reports(golden, golden, TOLERANCE) == []
     moved = json.loads(json.dumps(golden))
     moved["train"][0]["temp_bytes"] *= 1.04  # within 5 %
-    assert aot_compile.compare_reports(golden, moved, TOLERANCE) == []
+    assert aot.compare_reports(golden, moved, TOLERANCE) == []
     moved["train"][0]["temp_bytes"] *= 1.04
-    assert [p.split(":")[0] for p in aot_compile.compare_reports(golden, moved, TOLERANCE)] == ["bucket V=2 temp_bytes"]
+    assert [p.split(":")[0] for p in aot.compare_reports(golden, moved, TOLERANCE)] == ["bucket V=2 temp_bytes"]
     resharded = json.loads(json.dumps(golden))
     resharded["parameters"][0]["spec"] = [None]
-    assert aot_compile.compare_reports(golden, resharded, TOLERANCE) == ["parameters changed"]
+    assert aot.compare_reports(golden, resharded, TOLERANCE) == ["parameters changed"]
 
 
 def test_committed_reports_have_headroom():
@@ -132,7 +132,7 @@ def test_committed_reports_have_headroom():
     for name in EXPERIMENTS_2B:
         assert any(r["experiment"] == name for r in reports.values()), f"no experiments/aot report for {name}"
     for fname, r in reports.items():
-        assert r["command"].startswith("python tools/aot_compile.py"), fname
+        assert r["command"].startswith("g2vlm aot "), fname
         assert fname == f"{r['experiment']}.{r['topology'].replace(':', '-')}.json"
         assert r["summary"]["fits"], fname
         for prog in r["train"] + [r.get("eval")] * (r["experiment"] in EXPERIMENTS_2B):
@@ -152,13 +152,13 @@ def _state_bytes_per_chip(target) -> int:
 @needs_libtpu
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
 def test_tiny_train_step_compiles_for_slice(topology):
-    cfg = aot_compile.load_config(TINY, topology, ["data.packs_per_step=4"])
+    cfg = aot.load_config(TINY, topology, ["data.packs_per_step=4"])
     assert cfg.model.attention_kernel == "tpu_flash"  # 'auto' resolved for TPU, not for this host
-    target = aot_compile.prepare(cfg, topology)
+    target = aot.prepare(cfg, aot.slice_devices(topology))
     assert len(target.devices) == 4 and dict(target.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
-    (shape,) = aot_compile.train_shapes(cfg)
-    compiled = aot_compile.compile_train(target, shape)
-    figures = aot_compile.memory_figures(compiled)
+    (shape,) = aot.train_shapes(cfg)
+    compiled = aot.compile_train(target, shape)
+    figures = aot.memory_figures(compiled)
     m = compiled.memory_analysis()
     assert (figures["argument_bytes"], figures["output_bytes"], figures["alias_bytes"], figures["temp_bytes"]) == \
         (m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes)
@@ -167,7 +167,7 @@ def test_tiny_train_step_compiles_for_slice(topology):
     # The donated state is the aliased part; XLA's TPU layouts pad small arrays, never shrink them.
     state = _state_bytes_per_chip(target)
     assert state <= m.alias_size_in_bytes <= m.argument_size_in_bytes
-    totals, rows = aot_compile.state_tables(target.abstract, target.shardings)
+    totals, rows = aot.state_tables(target.abstract, target.shardings)
     assert sum(totals.values()) == state
     kernel = next(r for r in rows if r["name"] == "dino2llm.kernel")
     assert kernel["spec"] == ["fsdp", None] and kernel["bytes_per_chip"] == math.prod(kernel["shape"]) * 4 // 4
@@ -177,24 +177,24 @@ def test_tiny_train_step_compiles_for_slice(topology):
     golden = json.loads((ROOT / "experiments" / "aot" / f"tiny_synthetic_test.{topology.replace(':', '-')}.json")
                         .read_text())
     fresh = {**golden, "parameters": rows, **totals, "mesh": {"preset": cfg.mesh.preset, **target.mesh.shape},
-             "train": [{"bucket": aot_compile.bucket_key(shape), **figures,
-                        "model_flops_per_step": aot_compile.model_flops_per_pack(cfg, shape) * 4}]}
-    assert aot_compile.compare_reports(golden, fresh, TOLERANCE) == []
+             "train": [{"bucket": aot.bucket_key(shape), **figures,
+                        "model_flops_per_step": aot.model_flops_per_pack(cfg, shape) * 4}]}
+    assert aot.compare_reports(golden, fresh, TOLERANCE) == []
 
 
 def test_out_of_memory_is_reported_not_raised():
     def exhausted():
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm.\nmore")
 
-    figures = aot_compile.timed_figures(lambda m: None, "train step", exhausted)
+    figures = aot.timed_figures(lambda m: None, "train step", exhausted)
     assert figures["error"] == "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm."
     report = {"hbm_bytes_per_chip": 100, "num_chips": 4, "peak_flops_per_chip": 1e12,
               "train": [{"bucket": {"views": 2}, **figures, "model_flops_per_step": 4e12}]}
-    summary = aot_compile.summarise(report, step_time=2.0)["summary"]
+    summary = aot.summarise(report, step_time=2.0)["summary"]
     assert not summary["fits"] and summary["peak_fraction_of_hbm"] is None
     assert summary["mfu_bound"] == pytest.approx(0.5)
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # other compiler errors propagate
-        aot_compile.timed_figures(lambda m: None, "x", lambda: (_ for _ in ()).throw(
+        aot.timed_figures(lambda m: None, "x", lambda: (_ for _ in ()).throw(
             jax.errors.JaxRuntimeError("INTERNAL: boom")))
 
 
@@ -203,18 +203,18 @@ def test_out_of_memory_is_reported_not_raised():
 def test_golden_report_layout_recomputes(path):
     """The cheap half of the golden check: everything in a report that needs no compile."""
     golden = json.loads(path.read_text())
-    args = aot_compile.parse_command(golden["command"])
-    cfg = aot_compile.load_config(args.experiment, args.topology, args.overrides)
-    target = aot_compile.prepare(cfg, args.topology)
+    args = aot.parse_command(golden["command"])
+    cfg = aot.load_config(args.experiment, args.topology, args.overrides)
+    target = aot.prepare(cfg, aot.slice_devices(args.topology))
     assert {"preset": cfg.mesh.preset, **target.mesh.shape} == golden["mesh"]
-    totals, rows = aot_compile.state_tables(target.abstract, target.shardings)
+    totals, rows = aot.state_tables(target.abstract, target.shardings)
     assert rows == golden["parameters"], "a parameter's shape or sharding changed: regenerate the report"
     for key in ("params_bytes_per_chip", "opt_state_bytes_per_chip"):
         assert totals[key] == golden[key], key
-    shapes = aot_compile.train_shapes(cfg, args.buckets)
-    assert [aot_compile.bucket_key(s) for s in shapes] == [r["bucket"] for r in golden["train"]]
+    shapes = aot.train_shapes(cfg, args.buckets)
+    assert [aot.bucket_key(s) for s in shapes] == [r["bucket"] for r in golden["train"]]
     for shape, old in zip(shapes, golden["train"]):
-        flops_step = aot_compile.model_flops_per_pack(cfg, shape) * cfg.data.packs_per_step
+        flops_step = aot.model_flops_per_pack(cfg, shape) * cfg.data.packs_per_step
         assert flops_step == pytest.approx(old["model_flops_per_step"], rel=TOLERANCE)
 
 
@@ -226,8 +226,8 @@ def test_golden_report_compiles_to_the_same_figures(path):
     golden = json.loads(path.read_text())
     if RECOMPUTE != "all" and golden["experiment"] not in RECOMPUTE.split(","):
         pytest.skip(f"{golden['experiment']} not named in G2VLM_AOT_RECOMPUTE")
-    args = aot_compile.parse_command(golden["command"])
-    cfg = aot_compile.load_config(args.experiment, args.topology, args.overrides)
-    fresh = aot_compile.compile_experiment(cfg, args.topology, buckets=args.buckets, with_eval=not args.no_eval,
-                                           log=lambda m: None)
-    assert aot_compile.compare_reports(golden, fresh, TOLERANCE) == []
+    args = aot.parse_command(golden["command"])
+    cfg = aot.load_config(args.experiment, args.topology, args.overrides)
+    fresh = aot.compile_experiment(cfg, args.topology, buckets=args.buckets, with_eval=not args.no_eval,
+                                   log=lambda m: None)
+    assert aot.compare_reports(golden, fresh, TOLERANCE) == []

@@ -7,7 +7,8 @@ import pytest
 
 from g2vlm_jax import config as C
 from g2vlm_jax.model.attention import MaskInfo, build_mask
-from tools import aot_compile, bench_train, bench_tpu_attention
+from g2vlm_jax import aot
+from tools import bench_train, bench_tpu_attention
 from tools.bench_common import recon_batch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def test_bench_tpu_attention_fractions_and_compile():
     assert allowed == pytest.approx(exact)
     assert 0 < full <= live <= 1 and live < 1  # cross-document tiles are skipped
     try:
-        device = aot_compile.slice_devices("v5p:2x2x1")[0]
+        device = aot.slice_devices("v5p:2x2x1")[0]
     except RuntimeError as e:
         pytest.skip(str(e))
     temp, seconds = bench_tpu_attention.compile_attention("tpu_flash", 512, device, 128)

@@ -128,3 +128,25 @@ def test_sigkill_at_random_points_always_resumes_from_a_complete_checkpoint(tmp_
     assert final.final_step == TOTAL
     for a, b in zip(reference, _final_params(final.state)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_multi_process_runs_agree_on_sigterm_every_n_steps_only(monkeypatch):
+    """One process reads its flag every step; several agree by an all-gather, but only on every Nth step
+    (a host sync per step would stall the dispatched steps); all processes then stop at that step."""
+    from jax.experimental import multihost_utils
+
+    gathers = []
+
+    def allgather(x):
+        gathers.append(bool(x[0]))
+        return np.array([[x[0]], [False]])  # this process and a peer that saw nothing
+
+    watcher = loop.PreemptionWatcher(enabled=False, check_every=5)
+    watcher.requested.set()
+    assert [watcher.should_stop(s) for s in (1, 2)] == [True, True]  # one process: every step, no gather
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    assert [watcher.should_stop(s) for s in range(1, 11)] == [False] * 4 + [True] + [False] * 4 + [True]
+    assert gathers == [True, True]
+    watcher.requested.clear()
+    assert not watcher.should_stop(15) and gathers == [True, True, False]

@@ -85,6 +85,31 @@ def test_constrain_is_a_no_op_without_rules():
     assert sh.constrain(x, ("batch", "length", "embed")) is x
 
 
+def test_rules_are_bound_to_the_jitted_program():
+    """jit_sharded traces under its mesh and preset wherever it is lowered or called; plain jit does not."""
+    mesh = sh.make_mesh(MeshConfig(preset="dp", data=1, fsdp=1, tensor=1))
+    seen = []
+
+    def fn(x):
+        seen.append(sh.bound_mesh())
+        return sh.constrain(x * 2, ("batch", "length", "embed"))
+
+    x = jnp.ones((2, 3, 4))
+    program = sh.jit_sharded(fn, mesh, "dp")
+    text = program.lower(x).as_text()
+    assert "sharding_constraint" in text and "jit_fn" in text
+    assert "sharding_constraint" not in jax.jit(fn).lower(x).as_text()
+    assert seen == [mesh, None] and sh.bound_mesh() is None
+    np.testing.assert_array_equal(program(x), 2 * x)
+    with pytest.raises(ValueError, match="sharding preset 'zero3' is unknown"):
+        sh.jit_sharded(fn, mesh, "zero3")
+
+
+def test_mesh_of_single_device_arrays_is_a_one_device_mesh():
+    mesh = sh.mesh_of({"w": jnp.ones(3)})
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1} and list(mesh.devices.flat) == [jax.devices()[0]]
+
+
 # ---- 8 fake devices (subprocess) -------------------------------------------------------------------
 def _small_cfg():
     """The tiny config with one-block encoders and decoders (keeps the 8-device compiles short)."""
@@ -118,20 +143,19 @@ def _worker() -> dict:
     cfg = _small_cfg()
     ctor = lambda: G2VLM(cfg, rngs=nnx.Rngs(0))
     batch = standard_batch(num_rows=8, views=2)
-    step = lambda graphdef: jax.jit(jax.value_and_grad(lambda st, b: _loss(nnx.merge(graphdef, st), b)),
-                                    compiler_options=FAST_COMPILE)
+    loss_and_grad = lambda graphdef: jax.value_and_grad(lambda st, b: _loss(nnx.merge(graphdef, st), b))
+    step = lambda graphdef, mesh, preset: sh.jit_sharded(loss_and_grad(graphdef), mesh, preset,
+                                                         compiler_options=FAST_COMPILE)
     grad_norm = lambda g: float(jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(g))))
     results, host_state, graphdef = {}, None, None
     for preset in ("fsdp_tp", "fsdp", "dp"):  # fsdp_tp first: it is created by create_sharded_model
         mesh = sh.make_mesh(MeshConfig(preset=preset, **PRESET_MESHES[preset]))
-        import time; t0 = time.time()
         if host_state is None:
             model = sh.create_sharded_model(ctor, mesh, preset)
             graphdef, state = nnx.split(model)
             host_state = jax.device_get(state)
         else:
             state = jax.device_put(host_state, sh.param_shardings(host_state, mesh, preset))
-        print("TIMING state", preset, time.time() - t0, file=sys.stderr)
         expected = sh.param_shardings(state, mesh, preset)
         specs, mismatched = {}, []
         for (path, var), (_, want) in zip(nnx.to_flat_state(state), nnx.to_flat_state(expected)):
@@ -140,15 +164,10 @@ def _worker() -> dict:
             specs[name] = _spec_list(got.spec, var.get_value().ndim)
             if not got.is_equivalent_to(want.get_value(), var.get_value().ndim):
                 mismatched.append(name)
-        import time; t0 = time.time()
-        with sh.activation_sharding(mesh, preset):
-            loss, grads = step(graphdef)(state, sh.shard_batch(batch, mesh))
-        print("TIMING", preset, time.time() - t0, file=sys.stderr)
+        loss, grads = step(graphdef, mesh, preset)(state, sh.shard_batch(batch, mesh))
         results[preset] = dict(loss=float(loss), grad_norm=grad_norm(grads), specs=specs, mismatched=mismatched,
                                mesh=dict(mesh.shape), batch_spec=_spec_list(sh.batch_sharding(mesh).spec, 2))
-    import time; t0 = time.time()
-    ref_loss, ref_grads = step(graphdef)(host_state, batch)  # one device, no mesh
-    print("TIMING single", time.time() - t0, file=sys.stderr)
+    ref_loss, ref_grads = jax.jit(loss_and_grad(graphdef), compiler_options=FAST_COMPILE)(host_state, batch)  # one device
     results["single"] = dict(loss=float(ref_loss), grad_norm=grad_norm(ref_grads))
     return results
 
@@ -220,7 +239,4 @@ def test_sharded_loss_and_gradients_equal_single_device(multi_device, preset):
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
-    import time; t0 = time.time()
-    r = _worker()
-    print("TIMING worker", time.time() - t0, file=sys.stderr)
-    print(json.dumps(r))
+    print(json.dumps(_worker()))

@@ -30,7 +30,7 @@ import numpy as np
 from g2vlm_jax import flops as flops_lib
 from g2vlm_jax.model.attention import MaskInfo, attention, build_mask
 from g2vlm_jax.model.kernels import tiles
-from tools import aot_compile
+from g2vlm_jax import aot
 from tools.bench_common import recon_batch
 
 HEADS = (12, 2, 128)  # g2vlm_2b: query heads, K/V heads, head dim
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--topology", default="v5p:2x2x1", help="TPU slice whose chip is compiled for")
     p.add_argument("--block", type=int, default=512, help="attention block (ModelConfig.attention_block_size)")
     args = p.parse_args(argv)
-    device = aot_compile.slice_devices(args.topology)[0]
+    device = aot.slice_devices(args.topology)[0]
     peak = flops_lib.peak_flops(device.device_kind)
     hq, _, dh = HEADS
     print(f"chip: {device.device_kind} ({args.topology}), bf16 peak {peak / 1e12:.0f} TFLOP/s; heads {HEADS}; "

@@ -41,5 +41,5 @@ def answer(model, tok, cfg: config_lib.ExperimentConfig, *, question: str, image
     geo = (reconstruct.load_images(frame_files, cfg.data.image_size[1]).astype(np.float32) / 255.0
            if frame_files else np.zeros((0, 14, 14, 3), np.float32))
     result = gen.generate(model, tok, [gen.Prompt(question, geo, sem)], max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, seed=seed)
+                          temperature=temperature, top_p=top_p, seed=seed, preset=cfg.mesh.preset)
     return result.texts[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -129,7 +130,6 @@ def prompt_batch(tok: Tokenizer, prompts: list[Prompt], answers: list[list[int]]
 # --------------------------------------------------------------------------------------------------
 # Jitted prefill and decode (the model's graph is static; its state is an argument)
 # --------------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity"))
 def _prefill(graphdef, state, batch: PackedBatch, last_slot: jax.Array, capacity: int):
     model = nnx.merge(graphdef, state)
     dtype = model.embed_tokens.dtype
@@ -139,7 +139,6 @@ def _prefill(graphdef, state, batch: PackedBatch, last_slot: jax.Array, capacity
     return model.logits(last_hidden)[:, 0], out.cache, out.geometry
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def _decode(graphdef, state, token: jax.Array, position: jax.Array, order: jax.Array, cache: KVCache):
     """token, position, order: int32[B] -> (float32 logits [B, vocab], cache)."""
     model = nnx.merge(graphdef, state)
@@ -152,10 +151,17 @@ def _decode(graphdef, state, token: jax.Array, position: jax.Array, order: jax.A
     return logits[:, 0], cache
 
 
-# Every process of a multi-process run (the evaluator during training) compiles a new prompt shape
-# before any of them runs it (g2vlm_jax/meeting.py).
-_prefill = meeting.MeetBeforeRunning(_prefill, "generation prefill", static_argnums=(0, 4))
-_decode = meeting.MeetBeforeRunning(_decode, "generation decode", static_argnums=(0,))
+@functools.lru_cache(maxsize=8)
+def generation_programs(mesh: jax.sharding.Mesh, preset: str) -> tuple[Callable, Callable]:
+    """(prefill, decode) traced under `preset`'s activation rules on the model's `mesh`.
+
+    Every process of a multi-process run (the evaluator during training) compiles a new prompt
+    shape before any of them runs it (g2vlm_jax/meeting.py).
+    """
+    prefill = sharding_lib.jit_sharded(_prefill, mesh, preset, static_argnames=("graphdef", "capacity"))
+    decode = sharding_lib.jit_sharded(_decode, mesh, preset, static_argnames=("graphdef",), donate_argnames=("cache",))
+    return (meeting.MeetBeforeRunning(prefill, "generation prefill", static_argnums=(0, 4)),
+            meeting.MeetBeforeRunning(decode, "generation decode", static_argnums=(0,)))
 
 
 def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -202,17 +208,23 @@ class Generation:
 
 
 def generate(model: nnx.Module, tok: Tokenizer, prompts: list[Prompt], *, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, keep_logits: bool = False) -> Generation:
-    """Answers `prompts` (one row each) with KV-cache decoding; stops a row at <|im_end|>."""
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, keep_logits: bool = False,
+             preset: str = "dp") -> Generation:
+    """Answers `prompts` (one row each) with KV-cache decoding; stops a row at <|im_end|>.
+
+    `preset` is the sharding preset the model's parameters were placed with (the experiment's
+    `mesh.preset`); prefill and decode run under its activation rules on the parameters' mesh.
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     pb = prompt_batch(tok, prompts)
     graphdef, state = nnx.split(model)
+    prefill, decode = generation_programs(sharding_lib.mesh_of(state), preset)
     length = pb.batch.token_ids.shape[1]
     capacity = length + max_new_tokens
-    logits, cache, geometry = _prefill(graphdef, state, _to_devices(pb.batch, state),
+    logits, cache, geometry = prefill(graphdef, state, _to_devices(pb.batch, state),
                                        _to_devices(pb.last_slot, state), capacity)
     logits = _local(logits)
     key = jax.random.key(seed)
@@ -236,7 +248,7 @@ def generate(model: nnx.Module, tok: Tokenizer, prompts: list[Prompt], *, max_ne
         if done.all() or i == max_new_tokens - 1:
             break
         # length + i + 1 <= capacity always holds here: the cache never overflows.
-        logits, cache = _decode(graphdef, state, *_to_devices((host, pb.next_position + i, pb.next_order + i), state),
+        logits, cache = decode(graphdef, state, *_to_devices((host, pb.next_position + i, pb.next_order + i), state),
                                 cache)
         logits = _local(logits)
     texts = [tok.decode(ids).strip() for ids in out_ids]  # the answer item starts with "\n"

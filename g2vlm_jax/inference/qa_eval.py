@@ -82,7 +82,8 @@ def run_spatial_qa(spec, cfg: config_lib.ExperimentConfig, state, *, num_batches
     step = cfg.data.packs_per_step
     for start in range(0, len(questions), step):
         chunk = questions[start:start + step]
-        result = gen.generate(model, tok, [p for p, _ in chunk], max_new_tokens=cfg.eval.max_new_tokens)
+        result = gen.generate(model, tok, [p for p, _ in chunk], max_new_tokens=cfg.eval.max_new_tokens,
+                              preset=cfg.mesh.preset)
         for (prompt, qa), text in zip(chunk, result.texts):
             num_choices = len(qa.choices) or 26
             score = vqa_metrics.score_answer(text, qa.answer, qa.answer_type, num_choices=num_choices)

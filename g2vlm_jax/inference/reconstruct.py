@@ -19,16 +19,20 @@ Output directory:
 """
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import re
 
+import jax
 import numpy as np
 from absl import logging
+from flax import nnx
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from g2vlm_jax import geometry
+from g2vlm_jax import sharding as sharding_lib
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEPTH_PNG_SCALE = 1000.0  # depth PNG units per model unit (millimetres for metric depth)
@@ -74,20 +78,27 @@ def recon_batch(tok, images: np.ndarray):
     return pack_single_samples([sample], geo, np.zeros((1, 0, 28, 28, 3), np.float32))
 
 
-def predict(model, tok, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Runs the model once; returns float64 local_points / world_points [V, H, W, 3], c2w [V, 4, 4]."""
-    import jax
-    from flax import nnx
+def _geometry(graphdef, state, batch):
+    out = nnx.merge(graphdef, state)(batch, compute_logits=False, global_points=False)
+    return {k: out.geometry[k][0, 0] for k in ("local_points", "world_points", "camera_poses")}
 
+
+@functools.lru_cache(maxsize=8)
+def reconstruction_program(mesh, preset: str):
+    """The reconstruction forward traced under `preset`'s activation rules on the model's `mesh`
+    (one program per image shape, reused across calls)."""
+    return sharding_lib.jit_sharded(_geometry, mesh, preset, static_argnames=("graphdef",))
+
+
+def predict(model, tok, images: np.ndarray, *, preset: str = "dp") -> dict[str, np.ndarray]:
+    """Runs the model once; returns float64 local_points / world_points [V, H, W, 3], c2w [V, 4, 4].
+
+    `preset` is the sharding preset the model's parameters were placed with (`mesh.preset`).
+    """
     batch = jax.tree.map(np.asarray, recon_batch(tok, images))
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def forward(state, batch):
-        out = nnx.merge(graphdef, state)(batch, compute_logits=False, global_points=False)
-        return {k: out.geometry[k][0, 0] for k in ("local_points", "world_points", "camera_poses")}
-
-    geo = jax.device_get(forward(state, batch))
+    forward = reconstruction_program(sharding_lib.mesh_of(state), preset)
+    geo = jax.device_get(forward(graphdef, state, batch))
     return {"local_points": np.asarray(geo["local_points"], np.float64),
             "world_points": np.asarray(geo["world_points"], np.float64),
             "c2w": np.asarray(geo["camera_poses"], np.float64)}
@@ -179,12 +190,13 @@ def write_reconstruction(out_dir: str | pathlib.Path, images: np.ndarray, world_
     return cameras
 
 
-def reconstruct(model, tok, image_folder: str | pathlib.Path, out_dir: str | pathlib.Path, *, width: int) -> dict:
+def reconstruct(model, tok, image_folder: str | pathlib.Path, out_dir: str | pathlib.Path, *, width: int,
+                preset: str = "dp") -> dict:
     """The whole tool: load, predict, recover intrinsics, write. Returns the cameras.json content."""
     files = list_images(image_folder)
     images = load_images(files, width)
     logging.info("reconstruct: %d views at %dx%d", len(files), images.shape[2], images.shape[1])
-    pred = predict(model, tok, images)
+    pred = predict(model, tok, images, preset=preset)
     depth = pred["local_points"][..., 2]
     intrinsics = geometry.recover_intrinsics(pred["local_points"])
     return write_reconstruction(out_dir, images, pred["world_points"], depth, pred["c2w"], intrinsics,

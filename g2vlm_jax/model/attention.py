@@ -99,7 +99,7 @@ DEFAULT_BLOCK_SIZE = 512  # = ModelConfig.attention_block_size default
 # kernels do the same arithmetic and XLA compiles ~2x faster; above it blockwise was measured faster
 # on CPU (fwd+bwd, 4 heads x 32: L=1024 0.32 s vs 0.56 s, L=2048 0.60 s vs 1.61 s) and is memory linear.
 CPU_DENSE_MAX_PAIRS = DEFAULT_BLOCK_SIZE * DEFAULT_BLOCK_SIZE
-TPU_KERNEL = "tpu_flash"  # what 'auto' runs on TPUs (also what tools/aot_compile.py compiles)
+TPU_KERNEL = "tpu_flash"  # what 'auto' runs on TPUs (also what `g2vlm aot` compiles)
 
 
 @struct.dataclass

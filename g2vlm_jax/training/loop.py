@@ -2,7 +2,7 @@
 
 Read it in order; each section is one concern. The run is a pure function of (config, seed): the
 data iterator is step-indexed and checkpointed with the state, so a resume continues the exact same
-run (bitwise-equal parameters, see tests/test_train_resume.py).
+run (bitwise-equal parameters, see tests/test_train.py and tests/test_reliability_preemption.py).
 """
 from __future__ import annotations
 
@@ -44,10 +44,17 @@ class TrainResult:
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM into a flag checked between steps (a save, then a clean exit)."""
+    """Turns SIGTERM into a flag checked between steps (a save, then a clean exit).
 
-    def __init__(self, enabled: bool):
+    One process checks its flag after every step. The processes of a multi-process run must stop
+    (and save, a collective) at the same step, so they agree by an all-gather of their flags, but
+    only after every `check_every` steps (steps counted from 0 alike on every process): a host
+    sync per step would stall the pipeline of dispatched steps.
+    """
+
+    def __init__(self, enabled: bool, check_every: int = 1):
         self.requested = threading.Event()
+        self.check_every = check_every
         self._previous = None
         if enabled and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -56,11 +63,13 @@ class PreemptionWatcher:
         logging.warning("SIGTERM received: checkpointing at the next step boundary, then exiting")
         self.requested.set()
 
-    def should_stop(self) -> bool:
-        """True on every process once any process saw SIGTERM (agreed across hosts)."""
+    def should_stop(self, step: int) -> bool:
+        """After `step`: True on every process once any process saw SIGTERM (agreed across processes)."""
         local = self.requested.is_set()
         if jax.process_count() == 1:
             return local
+        if step % self.check_every:
+            return False
         from jax.experimental import multihost_utils
 
         return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
@@ -101,7 +110,7 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
 
     # ---- Steps ---------------------------------------------------------------------------------
     logger = MetricLogger(workdir, cfg.log_every, peak_flops_per_second=flops_lib.run_peak_flops())
-    watcher = PreemptionWatcher(cfg.checkpoint.save_on_preemption)
+    watcher = PreemptionWatcher(cfg.checkpoint.save_on_preemption, cfg.checkpoint.preemption_check_every_steps)
     end_step = cfg.optim.total_steps if stop_after_steps is None else min(cfg.optim.total_steps,
                                                                            start_step + stop_after_steps)
     if cfg.eval.every_steps and start_step == 0 and stop_after_steps is None:
@@ -113,7 +122,7 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
     step = last_saved = start_step
     try:
         while step < end_step:
-            tracing = _toggle_profiler(cfg, step, tracing, workdir)
+            tracing = _toggle_profiler(cfg, step, tracing, workdir, manager)
             host_batch = next(train_iter)
             batch = data_lib.to_global(host_batch, batch_sharding)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -130,7 +139,7 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
                 last_saved = step
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end_step:
                 _evaluate(spec, cfg, state, workdir, logger, step, final=False)
-            if watcher.should_stop():
+            if watcher.should_stop(step):
                 if last_saved != step:  # this step may have just been saved by the schedule above
                     ckpt_lib.save(manager, step, state, train_iter.get_state(), cfg, force=True)
                 preempted = True
@@ -138,9 +147,9 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
         if pending is not None:
             last_metrics = _log(logger, pending, cfg, force=True)
     finally:
+        manager.wait_until_finished()  # before stop_trace: see _toggle_profiler
         if tracing:
             jax.profiler.stop_trace()  # the run ended inside the profiling window
-        manager.wait_until_finished()
         watcher.close()
 
     # ---- Final evaluation --------------------------------------------------------------------
@@ -153,13 +162,19 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
                        preempted=preempted, spec=spec, state=state)
 
 
-def _toggle_profiler(cfg: config_lib.ExperimentConfig, step: int, tracing: bool, workdir: pathlib.Path) -> bool:
-    """Traces steps [start, stop) of `cfg.profile_steps` with jax.profiler (view in TensorBoard)."""
+def _toggle_profiler(cfg: config_lib.ExperimentConfig, step: int, tracing: bool, workdir: pathlib.Path,
+                     manager) -> bool:
+    """Traces steps [start, stop) of `cfg.profile_steps` with jax.profiler (view in TensorBoard).
+
+    The trace stops only once no checkpoint is being written: `stop_trace` while Orbax's async save
+    thread was finalising crashed the process (a segmentation fault in CI).
+    """
     start, stop = cfg.profile_steps
     if not tracing and start <= step < stop:
         jax.profiler.start_trace(str(workdir / "profile"))
         return True
     if tracing and step >= stop:
+        manager.wait_until_finished()
         jax.profiler.stop_trace()
         return False
     return tracing

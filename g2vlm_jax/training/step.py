@@ -15,10 +15,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from g2vlm_jax import config as config_lib
 from g2vlm_jax import losses
 from g2vlm_jax import meeting
+from g2vlm_jax import sharding as sharding_lib
 from g2vlm_jax.batch import PackedBatch
 from g2vlm_jax.training import optim as optim_lib
 from g2vlm_jax.training.state import StateSpec, TrainState
@@ -145,11 +148,17 @@ class TrainStep:
         return self.jitted.lower(state, batch, self.schedule)
 
 
-def make_train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state_shardings, batch_shardings) -> TrainStep:
-    """jit(train_step) with explicit shardings and the input state donated (updated in place)."""
+def make_train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state_shardings,
+                    batch_sharding: NamedSharding) -> TrainStep:
+    """The train step program: jit(train_step) under the preset's activation rules on the batch's
+    mesh (`sharding.jit_sharded`), with explicit shardings and the input state donated.
+
+    The trainer runs it and the AOT tool (g2vlm_jax/aot.py) compiles it: one program.
+    """
     fn = functools.partial(train_step, spec, cfg)
-    jitted = jax.jit(fn, in_shardings=(state_shardings, batch_shardings, None), out_shardings=(state_shardings, None),
-                     donate_argnums=(0,))
+    jitted = sharding_lib.jit_sharded(fn, batch_sharding.mesh, cfg.mesh.preset,
+                                      in_shardings=(state_shardings, batch_sharding, None),
+                                      out_shardings=(state_shardings, None), donate_argnums=(0,))
     return TrainStep(meeting.MeetBeforeRunning(jitted, "train step"), optim_lib.LearningRateSchedule.from_config(cfg.optim))
 
 
@@ -160,3 +169,17 @@ def eval_geometry(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: Trai
     """
     _, vg_sum, _, out = batch_loss_terms(spec.model(state), batch, cfg, want_ce=False, want_vg=True)
     return out.geometry, vg_sum
+
+
+def make_eval_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state_shardings,
+                   batch_sharding: NamedSharding) -> Callable:
+    """The held-out geometry program: jit(eval_geometry) under the preset's rules on the batch's mesh,
+    geometry outputs sharded like the batch and the loss sum replicated.
+
+    Called as `eval_step(state, batch)`; the reconstruction evaluator runs it and the AOT tool compiles it.
+    """
+    replicated = NamedSharding(batch_sharding.mesh, P())
+    jitted = sharding_lib.jit_sharded(functools.partial(eval_geometry, spec, cfg), batch_sharding.mesh,
+                                      cfg.mesh.preset, in_shardings=(state_shardings, batch_sharding),
+                                      out_shardings=(batch_sharding, replicated))
+    return meeting.MeetBeforeRunning(jitted, "reconstruction evaluator")

@@ -28,12 +28,14 @@ lane-replicated [L, 128] arrays.
 Blocks are multiples of 128 (lengths are padded with padding metadata, which the rule never allows);
 a query with no allowed key gets output 0 and zero gradients.
 
-Sharding: `pallas_call` has no SPMD partitioning rule, so inside `sharding.activation_sharding` the
-call runs under `shard_map` with the batch over ('data', 'fsdp') and the heads over 'tensor' where
-both head counts divide; each device then runs the kernel on its own rows and heads.
+Sharding: `pallas_call` has no SPMD partitioning rule, so the call always runs under `shard_map` on
+the mesh of the program being traced (`sharding.jit_sharded`, `sharding.bound_mesh`), with the
+batch over ('data', 'fsdp') and the heads over 'tensor' where both head counts divide; each device
+then runs the kernel on its own rows and heads. Traced outside such a program on a host with
+several devices it raises: XLA would otherwise gather every operand onto each device.
 
 Runs on TPU; on CPU only in Pallas' TPU interpret mode (`pltpu.force_tpu_interpret_mode()`, used by
-the tests). `tools/aot_compile.py` compiles it for real TPU slices on a CPU host.
+the tests). `g2vlm aot` (g2vlm_jax/aot.py) compiles it for real TPU slices on a CPU host.
 """
 from __future__ import annotations
 
@@ -435,8 +437,13 @@ def tpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_info: MaskIn
         raise ValueError(f"tpu_flash attention: block_size must be positive, got {block_size}")
     layer = jnp.asarray(0 if layer_idx is None else layer_idx, jnp.int32)
     local = functools.partial(_local_attention, geo_mode=geo_mode, block_size=block_size, interpret=interpret)
-    mesh = sharding_lib.active_mesh()
+    mesh = sharding_lib.bound_mesh()
     if mesh is None:
+        if jax.device_count() > 1:
+            raise RuntimeError(
+                f"tpu_flash attention traced outside a sharded program on a host with {jax.device_count()} devices: "
+                "a Pallas call has no partitioning rule, so XLA would gather every operand onto each device. Build "
+                "the jitted function with g2vlm_jax.sharding.jit_sharded(fn, mesh, preset)")
         return local(q, k, v, q_info, k_info, layer)
     q_spec, kv_spec, meta_spec = _specs(q, k, mesh)
     info_spec = MaskInfo(*(meta_spec,) * len(META_FIELDS))
