@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw
 
 from data_pipelines import sampling, sequence
 from data_pipelines.records import BadRecordError
-from g2vlm_jax.batch import GEO_PATCH, PackedBatch
+from g2vlm_jax.batch import GEO_PATCH, IMAGE_FIELDS, VIT_MERGED_PATCH, PackedBatch, empty_row
 from g2vlm_jax.config import DataConfig, DataSource
 from g2vlm_jax.tokenizer import load_tokenizer
 
@@ -88,16 +88,36 @@ class Bucket:
     width: int
 
 
+def view_bucket(data: DataConfig, views: int) -> int:
+    """The view bucket a draw of `views` frames is rounded up to."""
+    return next(b for b in data.view_buckets if b >= views)
+
+
+def bucket_heights(data: DataConfig) -> list[int]:
+    """Frame heights of the aspect levels (width is `image_size[1]`); one height without an aspect range."""
+    lo, hi = data.aspect_range
+    if hi <= lo:
+        return [data.image_size[0]]
+    width = data.image_size[1]
+    return [max(int(round(width * a / GEO_PATCH)) * GEO_PATCH, GEO_PATCH) for a in np.linspace(lo, hi, data.aspect_buckets)]
+
+
 def draw_bucket(data: DataConfig, rng: np.random.Generator) -> Bucket:
     """V uniform in [min_views, max_views] rounded up to a view bucket; aspect H/W from a few levels."""
-    v = int(rng.integers(data.min_views, data.max_views + 1))
-    views = next(b for b in data.view_buckets if b >= v)
-    lo, hi = data.aspect_range
-    levels = np.linspace(lo, hi, data.aspect_buckets) if hi > lo else np.array([lo])
-    aspect = float(levels[rng.integers(len(levels))])
-    width = data.image_size[1]
-    height = int(round(width * aspect / GEO_PATCH)) * GEO_PATCH if hi > lo else data.image_size[0]
-    return Bucket(views, max(height, GEO_PATCH), width)
+    views = view_bucket(data, int(rng.integers(data.min_views, data.max_views + 1)))
+    heights = bucket_heights(data)
+    return Bucket(views, heights[int(rng.integers(len(heights)))], data.image_size[1])
+
+
+def train_buckets(data: DataConfig) -> list[Bucket]:
+    """Every bucket `draw_bucket` can draw (one compiled train step each), views x heights."""
+    views = sorted({view_bucket(data, v) for v in range(data.min_views, data.max_views + 1)})
+    return [Bucket(v, h, data.image_size[1]) for v in views for h in sorted(set(bucket_heights(data)))]
+
+
+def eval_bucket(data: DataConfig) -> Bucket:
+    """The bucket of held-out batches and questions: the largest view bucket, frames at `image_size`."""
+    return Bucket(max(b for b in data.view_buckets if b <= data.max_views), *data.image_size)
 
 
 def _draw_markers(image: np.ndarray, markers, view: int, scale: tuple[float, float]) -> np.ndarray:
@@ -169,7 +189,7 @@ class BatchMaker:
         d = self.data
         reserve = 2 * bucket.views + 8
         if self.sem_per_sample:
-            ts = (d.vit_image_size[0] // 28) * (d.vit_image_size[1] // 28)
+            ts = (d.vit_image_size[0] // VIT_MERGED_PATCH) * (d.vit_image_size[1] // VIT_MERGED_PATCH)
             reserve += d.max_text_tokens + CHAT_OVERHEAD_TOKENS + self.sem_per_sample * (ts + 2)
         return sequence.row_shape_for(d.tokens_per_pack, bucket.views, bucket.height, bucket.width,
                                       sem_per_sample=self.sem_per_sample, sem_height=d.vit_image_size[0],
@@ -197,7 +217,7 @@ class BatchMaker:
         skips["text_too_long"] += 1
         return True
 
-    def _sample(self, source_i: int, index: int, shape: sequence.RowShape, rng: np.random.Generator,
+    def _sample(self, source_i: int, index: int, bucket: Bucket, shape: sequence.RowShape, rng: np.random.Generator,
                 skips: collections.Counter):
         """(SampleTokens, ViewSample or None, [semantic images float32[Hs, Ws, 3]]) of one record, or
         None when it is skipped."""
@@ -210,7 +230,6 @@ class BatchMaker:
             skips[e.reason] += 1
             return None
         tok, d = self.tokenizer, self.data
-        bucket = Bucket(shape.views, shape.height, shape.width)
         if source.kind == "vqa":
             return self._vqa_sample(f"{source.name}[{index}] ({item.sample_id})", item, shape, skips)
         if source.kind == "recon":
@@ -252,26 +271,20 @@ class BatchMaker:
             bucket = Bucket(self.fixed_views, d.image_size[0], d.image_size[1])
         shape = self.row_shape(bucket)
         skips: collections.Counter = collections.Counter()
-        rows = [self._pack(step, self.process_index * self.local_packs + r, shape, skips)
+        rows = [self._pack(step, self.process_index * self.local_packs + r, bucket, shape, skips)
                 for r in range(self.local_packs)]
         fields = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
         return fields, dict(skips)
 
-    def _pack(self, step: int, pack_id: int, shape: sequence.RowShape, skips) -> dict:
-        s_slots, v, h, w = shape.sample_slots, shape.views, shape.height, shape.width
-        out = {"geo_images": np.zeros((s_slots, v, h, w, 3), np.float32), "sample_valid": np.zeros(s_slots, bool),
-               "gt_world_points": np.zeros((s_slots, v, h, w, 3), np.float32),
-               "gt_valid": np.zeros((s_slots, v, h, w), bool), "gt_poses": np.tile(np.eye(4, dtype=np.float32), (s_slots, v, 1, 1)),
-               "gt_intrinsics": np.tile(np.eye(3, dtype=np.float32), (s_slots, v, 1, 1)),
-               "normal_loss_enabled": np.zeros(s_slots, bool),
-               "sem_images": np.zeros((shape.sem_slots,) + tuple(self.data.vit_image_size) + (3,), np.float32),
-               "sem_image_valid": np.zeros(shape.sem_slots, bool)}
+    def _pack(self, step: int, pack_id: int, bucket: Bucket, shape: sequence.RowShape, skips) -> dict:
+        s_slots = shape.sample_slots
+        out = empty_row(shape, IMAGE_FIELDS)
         samples = []
         for s in range(s_slots):
             rng = np.random.default_rng([self.seed, step, pack_id, s])
             source_i = int(rng.choice(len(self.sources), p=self.weights))
             index = self._index(source_i, (step * self.data.packs_per_step + pack_id) * self.max_slots + s)
-            got = self._sample(source_i, index, shape, rng, skips)
+            got = self._sample(source_i, index, bucket, shape, rng, skips)
             if got is None:
                 continue
             tokens, views, sems = got
@@ -351,7 +364,6 @@ def make_eval_batches(data: DataConfig, workdir: pathlib.Path, num_batches: int,
                       process_count: int = 1) -> list[PackedBatch]:
     """`num_batches` deterministic held-out batches (no augmentation, the largest view bucket)."""
     sources = [(s, open_source(s, data, data.eval_split, workdir)) for s in data.eval_sources]
-    views = max(b for b in data.view_buckets if b <= data.max_views)
     maker = BatchMaker(data, sources, process_index=process_index, process_count=process_count, augment=False,
-                       seed=10_000 + data.seed, fixed_views=views)
+                       seed=10_000 + data.seed, fixed_views=eval_bucket(data).views)
     return [to_packed_batch(maker(step)[0]) for step in range(num_batches)]

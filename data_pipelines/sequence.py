@@ -26,7 +26,8 @@ import dataclasses
 
 import numpy as np
 
-from g2vlm_jax.batch import GEO_PATCH, PAD_ORDER, TOKEN_DINO, TOKEN_TEXT, TOKEN_VIT, VIT_MERGED_PATCH
+from g2vlm_jax.batch import (GEO_PATCH, TOKEN_DINO, TOKEN_FIELDS, TOKEN_TEXT, TOKEN_VIT, VIT_MERGED_PATCH, RowShape,
+                             empty_row)
 from g2vlm_jax.tokenizer import Tokenizer
 
 RECON_PROMPT = "Reconstruct the 3D scene."
@@ -222,34 +223,6 @@ def vqa_conversation_sample(tok: Tokenizer, turns, num_sem: int, sem_height: int
 # --------------------------------------------------------------------------------------------------
 # Packing
 # --------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class RowShape:
-    """Static shape of a packed row for one bucket: L = Lu + S * V * gh * gw; N semantic image slots."""
-
-    length: int
-    sample_slots: int
-    views: int
-    height: int
-    width: int
-    sem_slots: int
-    sem_height: int
-    sem_width: int
-
-    @property
-    def geo_tokens_per_sample(self) -> int:
-        return self.views * (self.height // GEO_PATCH) * (self.width // GEO_PATCH)
-
-    @property
-    def num_geo(self) -> int:
-        return self.sample_slots * self.geo_tokens_per_sample
-
-    @property
-    def num_sem(self) -> int:
-        return self.length - self.num_geo
-
-    @property
-    def sem_tokens_per_image(self) -> int:
-        return (self.sem_height // VIT_MERGED_PATCH) * (self.sem_width // VIT_MERGED_PATCH)
 
 
 def fits(samples: list[SampleTokens], shape: RowShape) -> bool:
@@ -265,13 +238,8 @@ def pack_row(samples: list[SampleTokens], shape: RowShape) -> dict[str, np.ndarr
     """
     if not fits(samples, shape):
         raise ValueError(f"{len(samples)} samples do not fit a row of {shape}")
-    length, lu = shape.length, shape.num_sem
-    row = {"token_ids": np.zeros(length, np.int32), "token_type": np.zeros(length, np.int32),
-           "positions": np.zeros((3, length), np.int32), "seq_order": np.full(length, PAD_ORDER, np.int32),
-           "document_ids": np.zeros(length, np.int32), "split_ids": np.zeros(length, np.int32),
-           "split_full": np.zeros(length, bool), "geo_frame": np.full(length, -1, np.int32),
-           "labels": np.zeros(length, np.int32), "loss_mask": np.zeros(length, np.float32),
-           "sem_token_pos": np.full((shape.sem_slots, shape.sem_tokens_per_image), length, np.int32)}
+    lu = shape.num_sem
+    row = empty_row(shape, TOKEN_FIELDS)
     cursor, order, split_base, image = 0, 0, 0, 0
     for k, s in enumerate(samples):
         if s.num_frames not in (0, shape.views) or (s.num_frames and s.geo_grid != (shape.height // GEO_PATCH,

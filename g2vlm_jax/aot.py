@@ -112,29 +112,6 @@ def load_config(experiment: str, topology: str, overrides=()):
 # --------------------------------------------------------------------------------------------------
 # Abstract batches
 # --------------------------------------------------------------------------------------------------
-def data_buckets(data) -> list:
-    """Every pipeline.Bucket the training data can draw (as pipeline.draw_bucket): views x heights."""
-    from data_pipelines import pipeline
-    from g2vlm_jax.batch import GEO_PATCH
-
-    views = sorted({next(b for b in data.view_buckets if b >= v) for v in range(data.min_views, data.max_views + 1)})
-    lo, hi = data.aspect_range
-    width = data.image_size[1]
-    if hi > lo:
-        heights = sorted({max(GEO_PATCH, int(round(width * a / GEO_PATCH)) * GEO_PATCH)
-                          for a in np.linspace(lo, hi, data.aspect_buckets)})
-    else:
-        heights = [data.image_size[0]]
-    return [pipeline.Bucket(v, h, width) for v in views for h in heights]
-
-
-def eval_bucket(data):
-    """The bucket of the held-out batches (pipeline.make_eval_batches: largest view bucket, image_size)."""
-    from data_pipelines import pipeline
-
-    return pipeline.Bucket(max(b for b in data.view_buckets if b <= data.max_views), *data.image_size)
-
-
 def row_shape(data, sources, bucket):
     """The pipeline's static row shape of `bucket` (data_pipelines.pipeline.BatchMaker.row_shape)."""
     from data_pipelines import pipeline
@@ -145,24 +122,13 @@ def row_shape(data, sources, bucket):
 
 
 def abstract_batch(shape, packs: int, sharding):
-    """A PackedBatch of ShapeDtypeStructs (g2vlm_jax/batch.py shapes) for `packs` rows of `shape`."""
+    """A PackedBatch of ShapeDtypeStructs (the field table `batch.row_fields`) for `packs` rows of `shape`."""
     import jax
 
-    from g2vlm_jax.batch import PackedBatch
+    from g2vlm_jax.batch import PackedBatch, row_fields
 
-    b, l, s, v, h, w = packs, shape.length, shape.sample_slots, shape.views, shape.height, shape.width
-    n, hs, ws, ts = shape.sem_slots, shape.sem_height, shape.sem_width, shape.sem_tokens_per_image
-    i32, f32, b8 = np.int32, np.float32, np.bool_
-    fields = {
-        "token_ids": ((b, l), i32), "token_type": ((b, l), i32), "positions": ((b, 3, l), i32),
-        "seq_order": ((b, l), i32), "document_ids": ((b, l), i32), "split_ids": ((b, l), i32),
-        "split_full": ((b, l), b8), "geo_frame": ((b, l), i32), "labels": ((b, l), i32), "loss_mask": ((b, l), f32),
-        "geo_images": ((b, s, v, h, w, 3), f32), "sample_valid": ((b, s), b8),
-        "sem_images": ((b, n, hs, ws, 3), f32), "sem_image_valid": ((b, n), b8), "sem_token_pos": ((b, n, ts), i32),
-        "gt_world_points": ((b, s, v, h, w, 3), f32), "gt_valid": ((b, s, v, h, w), b8),
-        "gt_poses": ((b, s, v, 4, 4), f32), "gt_intrinsics": ((b, s, v, 3, 3), f32), "normal_loss_enabled": ((b, s), b8),
-    }
-    return PackedBatch(**{k: jax.ShapeDtypeStruct(sh, dt, sharding=sharding) for k, (sh, dt) in fields.items()})
+    return PackedBatch(**{k: jax.ShapeDtypeStruct((packs,) + dims, dtype, sharding=sharding)
+                          for k, (dims, dtype, _) in row_fields(shape).items()})
 
 
 # A representative spatial question for the FLOPs of QA samples; text is a few % of a QA sample's
@@ -311,14 +277,18 @@ def prepare(cfg, devices: list) -> Target:
 
 def train_shapes(cfg, buckets: str = "all") -> list:
     """Row shapes of the training buckets: all, or the one with the most geometry pixels ('largest')."""
-    shapes = [row_shape(cfg.data, cfg.data.sources, b) for b in data_buckets(cfg.data)]
+    from data_pipelines import pipeline
+
+    shapes = [row_shape(cfg.data, cfg.data.sources, b) for b in pipeline.train_buckets(cfg.data)]
     if buckets == "largest":
         shapes = [max(shapes, key=lambda s: (s.sample_slots * s.views * s.height * s.width, s.views))]
     return shapes
 
 
 def eval_shape_of(cfg):
-    return row_shape(cfg.data, cfg.data.eval_sources, eval_bucket(cfg.data))
+    from data_pipelines import pipeline
+
+    return row_shape(cfg.data, cfg.data.eval_sources, pipeline.eval_bucket(cfg.data))
 
 
 def lower_train(target: Target, shape):

@@ -116,31 +116,99 @@ class PackedBatch:
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PackedBatch))
+# Per-sample images, semantic images and ground truth; the other fields are per-token (data_pipelines/sequence.pack_row).
+IMAGE_FIELDS = ("geo_images", "sample_valid", "sem_images", "sem_image_valid", "gt_world_points", "gt_valid",
+                "gt_poses", "gt_intrinsics", "normal_loss_enabled")
+TOKEN_FIELDS: tuple[str, ...] = tuple(n for n in FIELD_NAMES if n not in IMAGE_FIELDS)
+IDENTITY = "identity"  # padding value of the pose / intrinsics fields: identity matrices
+
+
+@dataclasses.dataclass(frozen=True)
+class RowShape:
+    """Static shape of a packed row for one bucket: L = Lu + S * V * gh * gw; N semantic image slots."""
+
+    length: int
+    sample_slots: int
+    views: int
+    height: int
+    width: int
+    sem_slots: int
+    sem_height: int
+    sem_width: int
+
+    @property
+    def geo_tokens_per_sample(self) -> int:
+        return self.views * (self.height // GEO_PATCH) * (self.width // GEO_PATCH)
+
+    @property
+    def num_geo(self) -> int:
+        return self.sample_slots * self.geo_tokens_per_sample
+
+    @property
+    def num_sem(self) -> int:
+        return self.length - self.num_geo
+
+    @property
+    def sem_tokens_per_image(self) -> int:
+        return (self.sem_height // VIT_MERGED_PATCH) * (self.sem_width // VIT_MERGED_PATCH)
+
+
+def row_fields(shape: RowShape) -> dict[str, tuple[tuple[int, ...], type, object]]:
+    """The one table of PackedBatch fields: name -> (shape of one row, dtype, padding value).
+
+    A batch field is [B] + the row shape. The padding value is what an unused slot holds (the
+    field table of the module docstring says what each means); `IDENTITY` = identity matrices.
+    """
+    l, s, v, h, w = shape.length, shape.sample_slots, shape.views, shape.height, shape.width
+    n, hs, ws, ts = shape.sem_slots, shape.sem_height, shape.sem_width, shape.sem_tokens_per_image
+    i32, f32, b8 = np.int32, np.float32, np.bool_
+    return {
+        "token_ids": ((l,), i32, 0), "token_type": ((l,), i32, TOKEN_PAD), "positions": ((3, l), i32, 0),
+        "seq_order": ((l,), i32, PAD_ORDER), "document_ids": ((l,), i32, 0), "split_ids": ((l,), i32, 0),
+        "split_full": ((l,), b8, False), "geo_frame": ((l,), i32, -1), "labels": ((l,), i32, 0),
+        "loss_mask": ((l,), f32, 0.0),
+        "geo_images": ((s, v, h, w, 3), f32, 0.0), "sample_valid": ((s,), b8, False),
+        "sem_images": ((n, hs, ws, 3), f32, 0.0), "sem_image_valid": ((n,), b8, False),
+        "sem_token_pos": ((n, ts), i32, l),  # the row length: writes of unused image slots are dropped
+        "gt_world_points": ((s, v, h, w, 3), f32, 0.0), "gt_valid": ((s, v, h, w), b8, False),
+        "gt_poses": ((s, v, 4, 4), f32, IDENTITY), "gt_intrinsics": ((s, v, 3, 3), f32, IDENTITY),
+        "normal_loss_enabled": ((s,), b8, False),
+    }
+
+
+def empty_row(shape: RowShape, names=FIELD_NAMES) -> dict[str, np.ndarray]:
+    """Fields `names` of one row of `shape`, every slot holding its padding value."""
+    out = {}
+    for name, (dims, dtype, pad) in row_fields(shape).items():
+        if name in names:
+            out[name] = (np.broadcast_to(np.eye(dims[-1], dtype=dtype), dims).copy() if pad is IDENTITY
+                         else np.full(dims, pad, dtype))
+    return out
+
+
+def row_shape_of(batch: PackedBatch) -> RowShape:
+    """The RowShape of a batch's rows, read off its token and image fields."""
+    _, l = batch.token_ids.shape
+    _, s, v, h, w, _ = batch.geo_images.shape
+    _, n, hs, ws, _ = batch.sem_images.shape
+    return RowShape(l, s, v, h, w, n, hs, ws)
 
 
 def check_batch(batch: PackedBatch) -> None:
-    """Raises ValueError naming the field whose shape breaks the contract above."""
-    b, l = batch.token_ids.shape
-    b2, s, v, h, w, c = batch.geo_images.shape
-    n = batch.sem_images.shape[1]
-    if h % GEO_PATCH or w % GEO_PATCH or c != 3:
+    """Raises ValueError naming the field whose shape breaks the contract above (`row_fields`)."""
+    b = batch.token_ids.shape[0]
+    shape = row_shape_of(batch)
+    if shape.height % GEO_PATCH or shape.width % GEO_PATCH or batch.geo_images.shape[-1] != 3:
         raise ValueError(f"geo_images {batch.geo_images.shape}: H and W must be multiples of {GEO_PATCH}, 3 channels")
-    expect = {
-        "token_type": (b, l), "positions": (b, 3, l), "seq_order": (b, l), "document_ids": (b, l),
-        "split_ids": (b, l), "split_full": (b, l), "geo_frame": (b, l), "labels": (b, l), "loss_mask": (b, l),
-        "geo_images": (b, s, v, h, w, 3), "sample_valid": (b, s), "sem_image_valid": (b, n),
-        "gt_world_points": (b, s, v, h, w, 3), "gt_valid": (b, s, v, h, w), "gt_poses": (b, s, v, 4, 4),
-        "gt_intrinsics": (b, s, v, 3, 3), "normal_loss_enabled": (b, s),
-    }
-    for name, shape in expect.items():
-        got = tuple(getattr(batch, name).shape)
-        if got != shape:
-            raise ValueError(f"PackedBatch.{name} has shape {got}, expected {shape} (see g2vlm_jax/batch.py)")
-    if batch.num_geo_tokens > l:
-        raise ValueError(f"PackedBatch: {batch.num_geo_tokens} geometry slots do not fit in rows of length {l}")
-    hs, ws = batch.sem_images.shape[2:4]
+    n, hs, ws = shape.sem_slots, shape.sem_height, shape.sem_width
     if n and (hs % VIT_MERGED_PATCH or ws % VIT_MERGED_PATCH):
         raise ValueError(f"sem_images {batch.sem_images.shape}: Hs and Ws must be multiples of {VIT_MERGED_PATCH}")
-    ts = (hs // VIT_MERGED_PATCH) * (ws // VIT_MERGED_PATCH) if n else batch.sem_token_pos.shape[2]
-    if tuple(batch.sem_token_pos.shape) != (b, n, ts):
-        raise ValueError(f"PackedBatch.sem_token_pos has shape {tuple(batch.sem_token_pos.shape)}, expected {(b, n, ts)}")
+    for name, (dims, _, _) in row_fields(shape).items():
+        if name == "sem_token_pos" and not n:
+            dims = (0,) + tuple(batch.sem_token_pos.shape[2:])  # no images: any token count per image
+        got, expected = tuple(getattr(batch, name).shape), (b,) + tuple(dims)
+        if got != expected:
+            raise ValueError(f"PackedBatch.{name} has shape {got}, expected {expected} (see g2vlm_jax/batch.py)")
+    if batch.num_geo_tokens > shape.length:
+        raise ValueError(f"PackedBatch: {batch.num_geo_tokens} geometry slots do not fit in rows of length "
+                         f"{shape.length}")

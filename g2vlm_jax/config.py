@@ -23,6 +23,15 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
+# The names a config may choose from, defined once; the modules that implement them import these.
+GeoMode = Literal["global", "frame", "block_causal", "mixed"]  # cross-frame attention (model/mask.py)
+GEO_MODES: tuple[str, ...] = get_args(GeoMode)
+AttentionKernel = Literal["auto", "xla", "blockwise", "tpu_flash", "cudnn"]  # model/attention.py
+ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
+Evaluator = Literal["reconstruction", "spatial_qa"]  # held-out evaluators (g2vlm_jax/evaluation.py)
+EVALUATORS: tuple[str, ...] = get_args(Evaluator)
+
+
 # Overrides are applied one at a time; validation waits until all are in (else `total_steps=5`
 # followed by `warmup_steps=1` would fail on the intermediate state).
 _DEFER_VALIDATION = contextvars.ContextVar("defer_validation", default=False)
@@ -141,9 +150,9 @@ class ModelConfig:
     vit: VitConfig = VitConfig()
     dino: DinoConfig = DinoConfig()
     heads: HeadsConfig = HeadsConfig()
-    geo_attention: Literal["global", "frame", "mixed", "block_causal"] = "global"  # SPEC 1.4 cross-frame mode
+    geo_attention: GeoMode = "global"  # SPEC 1.4 cross-frame mode
     geo_init: Literal["scratch", "copy_semantic"] = "scratch"  # geometry expert init (official: scratch)
-    attention_kernel: Literal["auto", "xla", "blockwise", "tpu_flash", "cudnn"] = "auto"  # see model/attention.py
+    attention_kernel: AttentionKernel = "auto"  # see model/attention.py
     attention_block_size: int = 512  # query/key block of the blockwise and tpu_flash kernels
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # activations / matmul inputs
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
@@ -334,9 +343,8 @@ class EvalConfig:
     max_new_tokens: int = 16  # generation length for QA evaluators
 
     def validate(self, prefix: str = "eval.") -> None:
-        allowed = ("reconstruction", "spatial_qa")
         for e in self.evaluators:
-            _require(e in allowed, prefix + "evaluators", f"unknown evaluator {e!r}; allowed values are {list(allowed)}")
+            _require(e in EVALUATORS, prefix + "evaluators", f"unknown evaluator {e!r}; allowed values are {list(EVALUATORS)}")
 
 
 @dataclasses.dataclass(frozen=True)

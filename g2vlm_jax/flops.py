@@ -40,7 +40,7 @@ from absl import logging
 from g2vlm_jax import chips
 from g2vlm_jax.batch import GEO_PATCH
 from g2vlm_jax.config import DinoConfig, ModelConfig, TextConfig, VitConfig
-from g2vlm_jax.model.attention import MaskInfo, build_mask
+from g2vlm_jax.model.mask import MaskInfo, build_mask
 
 # Dense bf16 peak FLOP/s per device, matched against `jax.Device.device_kind` (first match wins).
 PIXEL_HEAD_CHANNELS = 3  # local and global point heads: C = 3 channels per pixel
@@ -101,9 +101,10 @@ def heads_frame_flops(cfg: ModelConfig, hw: tuple[int, int]) -> float:
 # Allowed attention pairs
 # --------------------------------------------------------------------------------------------------
 def _host_mask(q: MaskInfo, k: MaskInfo, geo_mode: str, layer_idx) -> np.ndarray:
-    """`build_mask` evaluated on host numpy metadata. Not jitted: the group counts change from row to
-    row, so a jitted mask recompiled for almost every batch (about 1 s per step for the tiny config)."""
-    return np.asarray(build_mask(q, k, geo_mode, layer_idx))
+    """`build_mask` evaluated in numpy on host metadata: no device dispatch from the training loop,
+    and nothing to compile (the group counts change from row to row; a jitted mask recompiled for
+    almost every batch, about 1 s per step for the tiny config)."""
+    return build_mask(q, k, geo_mode, layer_idx, xp=np)
 
 
 def _row(info: MaskInfo, b: int) -> MaskInfo:

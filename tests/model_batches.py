@@ -198,12 +198,12 @@ def fast_jit(fn, **kwargs):
 
 
 def random_mask_info(rng: np.random.Generator, length: int, rows: int = 1):
-    """Structured random attention metadata (`attention.MaskInfo`, numpy fields [rows, length]).
+    """Structured random attention metadata (`mask.MaskInfo`, numpy fields [rows, length]).
 
     Small id ranges, so that many (query block, key block) tiles are empty and many are not; reading
     orders are a shuffled sorted draw (slot order is not reading order, as in the expert-grouped rows).
     """
-    from g2vlm_jax.model.attention import MaskInfo
+    from g2vlm_jax.model.mask import MaskInfo
 
     shape = (rows, length)
     doc = np.sort(rng.integers(0, 3, shape), axis=1)

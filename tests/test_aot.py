@@ -68,12 +68,12 @@ def test_topology_names_and_mesh_table():
         common.mesh_for("v5p-128")
 
 
-def test_data_buckets_are_what_the_pipeline_draws():
+def test_train_buckets_are_what_the_pipeline_draws():
     from data_pipelines import pipeline
 
     data = config_lib.DataConfig(image_size=(518, 518), aspect_range=(0.5, 1.0), aspect_buckets=4,
                                  view_buckets=(2, 4, 8, 16, 24), min_views=3, max_views=12)
-    buckets = aot.data_buckets(data)
+    buckets = pipeline.train_buckets(data)
     rng = np.random.default_rng(0)
     drawn = {pipeline.draw_bucket(data, rng) for _ in range(2000)}
     assert drawn == set(buckets)  # every reachable bucket, and only those (2 and 16/24 views are not)

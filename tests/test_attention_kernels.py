@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from model_batches import make_batch, random_mask_info, standard_batch
 
-from g2vlm_jax.model import attention as attn_lib
-from g2vlm_jax.model.attention import MaskInfo, attention, build_mask, select_kernel
+from g2vlm_jax.config import ATTENTION_KERNELS
+from g2vlm_jax.model.attention import attention, select_kernel
+from g2vlm_jax.model.mask import MaskInfo, build_mask
 from g2vlm_jax.model.kernels import cudnn
 from g2vlm_jax.model.kernels.blockwise import blockwise_tile_counts, fit_block
 from g2vlm_jax.model.kernels.tiles import block_fully_allowed, block_may_attend, pad_info, summarize
@@ -225,5 +226,5 @@ def test_bad_kernel_requests_raise(kwargs, message):
 
 
 def test_kernels_are_listed():
-    assert set(attn_lib.KERNELS) == {"auto", "xla", "blockwise", "tpu_flash", "cudnn"}
+    assert set(ATTENTION_KERNELS) == {"auto", "xla", "blockwise", "tpu_flash", "cudnn"}
 

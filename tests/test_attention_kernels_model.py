@@ -9,7 +9,8 @@ from model_batches import standard_batch
 
 from g2vlm_jax.config import tiny_model
 from g2vlm_jax.model import mot
-from g2vlm_jax.model.attention import MaskInfo, attention
+from g2vlm_jax.model.attention import attention
+from g2vlm_jax.model.mask import MaskInfo
 from g2vlm_jax.model.rope import mrope_cos_sin
 
 

@@ -19,7 +19,8 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from model_batches import make_batch, random_mask_info, standard_batch
 
-from g2vlm_jax.model.attention import MaskInfo, attention, build_mask
+from g2vlm_jax.model.attention import attention
+from g2vlm_jax.model.mask import MaskInfo, build_mask
 from g2vlm_jax.model.kernels import tpu_flash
 
 HERE = pathlib.Path(__file__).resolve().parent

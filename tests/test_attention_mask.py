@@ -8,8 +8,9 @@ import pytest
 from model_batches import standard_batch
 
 from g2vlm_jax.batch import PAD_ORDER
-from g2vlm_jax.model import attention as attn_lib
-from g2vlm_jax.model.attention import MaskInfo, attention, build_mask
+from g2vlm_jax.model import mask as mask_lib
+from g2vlm_jax.model.attention import attention
+from g2vlm_jax.model.mask import MaskInfo, build_mask
 
 # The docstring's example row, in reading order: text prefix, geometry frames 0 and 1 with their
 # start/end markers, trailing text, a second document, padding.
@@ -78,8 +79,8 @@ def _reading_order(mask_slots: np.ndarray) -> np.ndarray:
 
 
 def _docstring_tables() -> dict[str, np.ndarray]:
-    """Parses the three side-by-side tables of the attention module docstring."""
-    lines = attn_lib.__doc__.splitlines()
+    """Parses the three side-by-side tables of the mask module docstring (model/mask.py)."""
+    lines = mask_lib.__doc__.splitlines()
     head = next(i for i, l in enumerate(lines) if l.split()[:3] == ["global", "frame", "block_causal"])
     rows = [lines[head + 2 + r].split() for r in range(len(NAMES))]
     assert [r[0] for r in rows] == NAMES and all(len(r) == 1 + 3 * len(NAMES) for r in rows)

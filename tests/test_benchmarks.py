@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from g2vlm_jax import config as C
-from g2vlm_jax.model.attention import MaskInfo, build_mask
+from g2vlm_jax.model.mask import MaskInfo, build_mask
 from g2vlm_jax import aot
 from tools import bench_train, bench_tpu_attention
 from tools.bench_common import recon_batch

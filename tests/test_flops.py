@@ -10,7 +10,7 @@ from model_batches import standard_batch
 
 from g2vlm_jax import flops
 from g2vlm_jax.config import TextConfig, tiny_model
-from g2vlm_jax.model.attention import MaskInfo, build_mask
+from g2vlm_jax.model.mask import MaskInfo, build_mask
 from g2vlm_jax.model.mot import MoTLayer
 
 TEXT = TextConfig(vocab_size=512, hidden_size=256, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64,
@@ -147,3 +147,16 @@ def test_mfu_and_its_errors():
     with pytest.raises(ValueError, match="step_seconds"):
         flops.mfu(1.0, 0.0, 1, 1e12)
     assert flops.measure_matmul_flops(size=64, repeats=1) > 0
+
+
+@pytest.mark.parametrize("mode", ["global", "frame", "block_causal", "mixed"])
+def test_step_flops_run_on_the_host(mode):
+    """The loop counts every step's FLOPs while the device runs the step: no device dispatch (a host ->
+    device transfer would raise under the guard), and the numpy mask equals the jnp one."""
+    batch = jax.tree.map(np.asarray, standard_batch(num_rows=2, views=3))
+    info = MaskInfo.from_batch(batch)
+    with jax.transfer_guard("disallow"):
+        flops.step_flops(tiny_model(geo_attention=mode), batch)
+        host = build_mask(info, info, mode, 1, xp=np)
+    assert isinstance(host, np.ndarray)
+    np.testing.assert_array_equal(host, np.asarray(build_mask(info, info, mode, 1)))

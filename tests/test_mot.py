@@ -9,7 +9,7 @@ from flax import nnx
 from model_batches import fast_jit, permute_frames, standard_batch
 
 from g2vlm_jax.config import tiny_model
-from g2vlm_jax.model.attention import MaskInfo, build_mask
+from g2vlm_jax.model.mask import MaskInfo, build_mask
 from g2vlm_jax.model.mot import GEO, MoTLayer, MoTStack, official_layer_params
 from g2vlm_jax.model.rope import mrope_cos_sin
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from g2vlm_jax import flops
 from g2vlm_jax.config import g2vlm_2b_model
-from g2vlm_jax.model.attention import MaskInfo
+from g2vlm_jax.model.mask import MaskInfo
 from g2vlm_jax.model.kernels.blockwise import blockwise_tile_counts
 from tools.bench_common import recon_batch
 

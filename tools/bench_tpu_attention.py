@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from g2vlm_jax import flops as flops_lib
-from g2vlm_jax.model.attention import MaskInfo, attention, build_mask
+from g2vlm_jax.model.attention import attention
+from g2vlm_jax.model.mask import MaskInfo, build_mask
 from g2vlm_jax.model.kernels import tiles
 from g2vlm_jax import aot
 from tools.bench_common import recon_batch

@@ -29,8 +29,8 @@ from jax.sharding import PartitionSpec as P
 from data_pipelines import sequence
 from g2vlm_jax import meeting
 from g2vlm_jax import sharding as sharding_lib
-from g2vlm_jax.batch import PackedBatch
-from g2vlm_jax.model.attention import MaskInfo
+from g2vlm_jax.batch import GEO_PATCH, IMAGE_FIELDS, VIT_MERGED_PATCH, PackedBatch, RowShape, empty_row
+from g2vlm_jax.model.mask import MaskInfo
 from g2vlm_jax.model.kv_cache import KVCache
 from g2vlm_jax.tokenizer import Tokenizer
 
@@ -93,21 +93,18 @@ def pack_single_samples(samples: list[sequence.SampleTokens], geo_images: np.nda
     """
     b, views, height, width = geo_images.shape[:4]
     n_sem, sem_h, sem_w = sem_images.shape[1:4]
-    height, width = (height, width) if views else (14, 14)
-    sem_h, sem_w = (sem_h, sem_w) if n_sem else (28, 28)
+    height, width = (height, width) if views else (GEO_PATCH, GEO_PATCH)
+    sem_h, sem_w = (sem_h, sem_w) if n_sem else (VIT_MERGED_PATCH, VIT_MERGED_PATCH)
     lu = -(-max(s.num_semantic_tokens for s in samples) // PAD_MULTIPLE) * PAD_MULTIPLE
-    shape = sequence.RowShape(lu + views * (height // 14) * (width // 14), 1, views, height, width, n_sem, sem_h, sem_w)
-    rows = [sequence.pack_row([s], shape) for s in samples]
+    shape = RowShape(lu + views * (height // GEO_PATCH) * (width // GEO_PATCH), 1, views, height, width, n_sem, sem_h,
+                     sem_w)
+    rows = [{**sequence.pack_row([s], shape), **empty_row(shape, IMAGE_FIELDS)} for s in samples]
     fields = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    geo = geo_images.astype(np.float32).reshape(b, 1, views, height, width, 3)
-    fields.update(
-        geo_images=geo, sample_valid=np.ones((b, 1), bool),
-        sem_images=sem_images.astype(np.float32).reshape(b, n_sem, sem_h, sem_w, 3),
-        sem_image_valid=np.ones((b, n_sem), bool),
-        gt_world_points=np.zeros(geo.shape, np.float32), gt_valid=np.zeros(geo.shape[:-1], bool),
-        gt_poses=np.broadcast_to(np.eye(4, dtype=np.float32), (b, 1, views, 4, 4)).copy(),
-        gt_intrinsics=np.broadcast_to(np.eye(3, dtype=np.float32), (b, 1, views, 3, 3)).copy(),
-        normal_loss_enabled=np.zeros((b, 1), bool))
+    # Every row holds one real sample and all its images; no ground truth (padding values).
+    fields.update(geo_images=geo_images.astype(np.float32).reshape(fields["geo_images"].shape),
+                  sample_valid=np.ones((b, 1), bool),
+                  sem_images=sem_images.astype(np.float32).reshape(fields["sem_images"].shape),
+                  sem_image_valid=np.ones((b, n_sem), bool))
     return PackedBatch(**fields)
 
 

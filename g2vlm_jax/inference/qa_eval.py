@@ -34,8 +34,7 @@ def eval_questions(cfg: config_lib.ExperimentConfig, num_questions: int) -> list
     if not sources:
         raise ValueError(f"evaluator 'spatial_qa' needs an eval source of kind {list(QA_KINDS)}; "
                          f"data.eval_sources has kinds {[s.kind for s in d.eval_sources]}")
-    views = max(b for b in d.view_buckets if b <= d.max_views)
-    bucket = pipeline.Bucket(views, d.image_size[0], d.image_size[1])
+    bucket = pipeline.eval_bucket(d)
     out = []
     for k, source in enumerate(sources):
         scenes = pipeline.open_source(source, d, d.eval_split, cfg.run_dir)

@@ -37,7 +37,7 @@ from flax import nnx, struct
 
 from g2vlm_jax.batch import PackedBatch, check_batch
 from g2vlm_jax.config import ModelConfig
-from g2vlm_jax.model.attention import MaskInfo
+from g2vlm_jax.model.mask import MaskInfo
 from g2vlm_jax.model.dino import GeometryEncoder
 from g2vlm_jax.model.heads import GeometryHeads
 from g2vlm_jax.model.kv_cache import KVCache

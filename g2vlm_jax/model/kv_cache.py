@@ -20,7 +20,7 @@ from flax import struct
 
 from g2vlm_jax.batch import PAD_ORDER
 from g2vlm_jax.config import ModelConfig
-from g2vlm_jax.model.attention import MaskInfo
+from g2vlm_jax.model.mask import MaskInfo
 
 
 @struct.dataclass

@@ -45,7 +45,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from g2vlm_jax.config import ModelConfig
-from g2vlm_jax.model.attention import MaskInfo, attention
+from g2vlm_jax.model.attention import attention
+from g2vlm_jax.model.mask import MaskInfo
 from g2vlm_jax.model.kv_cache import KVCache, write_layer
 from g2vlm_jax.model.rope import apply_rotary
 from g2vlm_jax.sharding import LOGICAL_AXES_KEY, constrain, logical

@@ -11,7 +11,7 @@ GQA without repeating K/V: queries are viewed as [B, L, Hkv, G, Dh] (G = Hq / Hk
 K/V head) and every einsum contracts against the [B, L, Hkv, Dh] keys/values directly.
 
 The mask rule is never re-implemented here. Per tile, the exact element mask is
-`attention.build_mask` evaluated on the tile's metadata slices. Separately, per-block *summaries* of
+`mask.build_mask` evaluated on the tile's metadata slices. Separately, per-block *summaries* of
 the metadata give a conservative test "may any pair of this block pair be allowed?"
 (`tiles.block_may_attend`, shared with the TPU kernel); a tile that fails it is skipped with
 `lax.cond` (no FLOPs). The skip decision is taken per tile for the
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from g2vlm_jax.model.attention import MaskInfo, build_mask, check_geo_mode
+from g2vlm_jax.model.mask import MaskInfo, build_mask, check_geo_mode
 from g2vlm_jax.model.kernels.tiles import block_may_attend, pad_info, pad_length, summarize
 
 
@@ -239,7 +239,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_info: MaskIn
     Args:
       q: float[B, Lq, Hq, Dh]; k, v: float[B, Lk, Hkv, Dh] with Hq a multiple of Hkv.
       q_info / k_info: metadata of queries [B, Lq] / keys [B, Lk].
-      geo_mode, layer_idx: as in `attention.build_mask`.
+      geo_mode, layer_idx: as in `mask.build_mask`.
       block_size: largest query/key block (see `fit_block`); any length works (padded internally).
     Returns:
       float[B, Lq, Hq, Dh] in q's dtype; 0 for a query with no allowed key.

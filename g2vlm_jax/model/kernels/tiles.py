@@ -8,7 +8,7 @@ are answered per tile without looking at its pairs:
     block_may_attend      may ANY pair of the tile be allowed?   False -> the tile is skipped
     block_fully_allowed   is EVERY pair of the tile allowed?     True  -> no mask to evaluate
 
-Both mirror `attention.mask_rule` term by term, each term replaced by an "exists" (resp. "for all")
+Both mirror `mask.mask_rule` term by term, each term replaced by an "exists" (resp. "for all")
 bound over the summaries. They only need to be conservative: `block_may_attend` never says "empty"
 for a tile with an allowed pair, `block_fully_allowed` never says "full" for a tile with a forbidden
 pair (tests/test_attention_kernels.py checks both against `build_mask` on random metadata). Keep
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from g2vlm_jax.batch import PAD_ORDER
-from g2vlm_jax.model.attention import MaskInfo
+from g2vlm_jax.model.mask import MaskInfo
 
 _BIG = jnp.iinfo(jnp.int32).max
 _SMALL = jnp.iinfo(jnp.int32).min

@@ -2,8 +2,8 @@
 
 Why not splash attention: splash masks are numpy arrays fixed at trace time (plus segment-id
 equality), while our rule depends on where text, markers and frames sit in each packed row. This
-kernel takes the same per-token metadata as every other kernel (`attention.MaskInfo`) and evaluates
-the one rule (`attention.mask_rule`) on each (query block, key block) tile in VMEM, so it is exact for
+kernel takes the same per-token metadata as every other kernel (`mask.MaskInfo`) and evaluates
+the one rule (`mask.mask_rule`) on each (query block, key block) tile in VMEM, so it is exact for
 every `geo_attention` mode and any packing. What it shares with splash is the shape of the work:
 
 - grid (batch, query head, query block, key block); the key-block axis is the sequential reduction,
@@ -48,7 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from g2vlm_jax import sharding as sharding_lib
-from g2vlm_jax.model.attention import MaskInfo, check_geo_mode, mask_rule
+from g2vlm_jax.model.mask import MaskInfo, check_geo_mode, mask_rule
 from g2vlm_jax.model.kernels import tiles
 
 LANES = 128
@@ -424,7 +424,7 @@ def tpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_info: MaskIn
     Args:
       q: float[B, Lq, Hq, Dh]; k, v: float[B, Lk, Hkv, Dh] with Hq a multiple of Hkv.
       q_info / k_info: metadata of queries [B, Lq] / keys [B, Lk].
-      geo_mode, layer_idx: as in `attention.build_mask` (layer_idx may be traced).
+      geo_mode, layer_idx: as in `mask.build_mask` (layer_idx may be traced).
       block_size: largest query/key block; blocks are multiples of 128 (`fit_block`).
       interpret: run the kernels with Pallas' HLO interpreter (plain XLA loops over the grid) instead
         of compiling them with Mosaic: lets CPU tests run the sharded path, where the TPU interpret
