@@ -16,13 +16,13 @@ Steps (nothing of the model's size is ever allocated):
    comes from experiments/_tpu_meshes.py; `tiny_synthetic.py:test` keeps its own mesh.
 2. The trainer's own programs, built by the trainer's code: `sharding.make_mesh(cfg.mesh, slice
    devices)`, `state.abstract_state` + `state.state_shardings` (what `state.create_train_state`
-   does without allocating), `step.make_train_step` and `step.make_eval_step`, which bind the
+   does without allocating), `step.make_train_step` and `objective.make_eval_step`, which bind the
    preset's activation rules to the jitted programs (`sharding.jit_sharded`): the program compiled
    here is the program `g2vlm train` runs on that mesh. Batches are ShapeDtypeStructs of every data
    bucket (view count x aspect level) at the row shape the data pipeline builds for the token
    budget (`BatchMaker.row_shape`), sharded like the trainer's.
 3. Compiles the train step for every bucket (`--buckets all`) or the one with the most geometry
-   frames (`largest`), and the held-out geometry program (`step.make_eval_step`) on the evaluation
+   frames (`largest`), and the held-out geometry program (`core/objective.make_eval_step`) on the evaluation
    bucket (largest view bucket, as `pipeline.make_eval_batches`).
 4. Prints and writes a JSON report (--out, default `experiments/aot/<name>.<GEN>-<AxBxC>.json`):
    per-chip bytes (argument / output / donated alias / temp, peak = argument + output - alias +
@@ -249,7 +249,7 @@ class Target:
     shardings: Any  # TrainState of NamedShardings (state.state_shardings)
     batch_sharding: Any
     train_step: Any  # step.TrainStep (step.make_train_step): what the trainer runs
-    eval_step: Any  # step.make_eval_step: what the reconstruction evaluator runs
+    eval_step: Any  # objective.make_eval_step: what the reconstruction evaluator runs
 
     @property
     def state_args(self):
@@ -263,7 +263,8 @@ def prepare(cfg, devices: list) -> Target:
     """Mesh, abstract train state, shardings and jitted programs exactly as training/loop.py builds
     them, on `devices` (a TPU slice's, or this host's)."""
     from g2vlm_jax import sharding as sharding_lib
-    from g2vlm_jax.training import state as state_lib
+    from g2vlm_jax.core import objective
+    from g2vlm_jax.core import state as state_lib
     from g2vlm_jax.training import step as step_lib
 
     mesh = sharding_lib.make_mesh(cfg.mesh, devices)
@@ -272,7 +273,7 @@ def prepare(cfg, devices: list) -> Target:
     batch_sharding = sharding_lib.batch_sharding(mesh)
     return Target(cfg, list(devices), mesh, spec, abstract, shardings, batch_sharding,
                   step_lib.make_train_step(spec, cfg, shardings, batch_sharding),
-                  step_lib.make_eval_step(spec, cfg, shardings, batch_sharding))
+                  objective.make_eval_step(spec, cfg, shardings, batch_sharding))
 
 
 def train_shapes(cfg, buckets: str = "all") -> list:

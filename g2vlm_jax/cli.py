@@ -83,11 +83,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def cmd_train(args) -> int:
     import jax
 
+    from g2vlm_jax import evaluation
     from g2vlm_jax.training import loop
 
     cfg = _load(args)
     try:
-        result = loop.train(cfg)
+        result = loop.train(cfg, evaluate=evaluation.training_hook(cfg))
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
             raise
@@ -102,10 +103,11 @@ def cmd_eval(args) -> int:
     import json
 
     from g2vlm_jax import evaluation
+    from g2vlm_jax.training import logger as logger_lib
 
     cfg = _load(args)
     report = evaluation.evaluate_checkpoint(cfg, args.checkpoint, step=args.step)
-    print(json.dumps(evaluation.flatten_scalars(report), indent=1, sort_keys=True))
+    print(json.dumps(logger_lib.flatten_scalars(report), indent=1, sort_keys=True))
     print(f"report: {args.checkpoint}/eval/report.json")
     return 0
 

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import shutil
 
@@ -56,7 +55,8 @@ def export(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype
     from g2vlm_jax.inference import load
 
     if experiment is not None:  # before the (possibly minutes-long) restore
-        ckpt_lib.check_compatible(_checkpoint_metadata(pathlib.Path(checkpoint)), experiment, str(checkpoint))
+        folder = ckpt_lib.open_checkpoint(checkpoint, expect=(ckpt_lib.RUN, ckpt_lib.PARAMS))
+        ckpt_lib.check_compatible(folder.metadata(), experiment, str(checkpoint))
     cfg, model = load.load_model(checkpoint)
     cfg = experiment or cfg
     out = save_model(model, cfg, out_dir, dtype=dtype, source=f"export:{pathlib.Path(checkpoint).absolute()}")
@@ -64,17 +64,6 @@ def export(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *, dtype
         convert.write_official_dir(model, out / "official", dtype=dtype,
                                    tokenizer_dir=_tokenizer_dir(cfg, pathlib.Path(checkpoint)))
     return out
-
-
-def _checkpoint_metadata(checkpoint: pathlib.Path) -> dict:
-    """Metadata (config + model fingerprint) of a params-only checkpoint or of a run's newest step."""
-    if (checkpoint / "metadata.json").is_file():
-        return json.loads((checkpoint / "metadata.json").read_text())
-    manager = ckpt_lib.make_manager(checkpoint / "checkpoints", config_lib.CheckpointConfig(), read_only=True)
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise FileNotFoundError(f"{checkpoint} holds no checkpoint (expected checkpoints/<step>/ or metadata.json)")
-    return ckpt_lib.read_metadata(manager, steps[-1])
 
 
 def export_official(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *,

@@ -7,7 +7,6 @@ parameter's sharding, model FLOPs) is recomputed in seconds; recompiling them ta
 2B program on 2 cores, so it runs only when G2VLM_AOT_RECOMPUTE names them (see
 `test_golden_report_compiles_to_the_same_figures`).
 """
-import dataclasses
 import importlib.util
 import json
 import math

@@ -3,7 +3,6 @@ JAX processes, each scoring its share of the held-out packs and answering the qu
 model sharded across both, write the report one process writes for the same parameters."""
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -12,7 +11,8 @@ import numpy as np
 from g2vlm_jax import config as C
 from g2vlm_jax import evaluation
 from g2vlm_jax import sharding
-from g2vlm_jax.training import state as state_lib
+from g2vlm_jax.core import state as state_lib
+from g2vlm_jax.training.logger import flatten_scalars
 from tests import multihost
 
 EXPERIMENT = str(multihost.ROOT / "experiments" / "tiny_synthetic.py:qa_test")
@@ -24,7 +24,7 @@ import json, sys
 import jax
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 from g2vlm_jax import config as C, evaluation, sharding
-from g2vlm_jax.training import state as state_lib
+from g2vlm_jax.core import state as state_lib
 cfg = C.load_experiment(sys.argv[3], [f"workdir={sys.argv[4]}", *sys.argv[5:]])
 spec, state, _ = state_lib.create_train_state(cfg, sharding.make_mesh(cfg.mesh))
 report = evaluation.run_evaluators(spec, cfg, state, cfg.run_dir, step=0, write_pictures=True)
@@ -55,9 +55,9 @@ def test_two_processes_write_the_one_process_report(tmp_path):
                                                              write_pictures=True), default=float))
 
     assert single["reconstruction"]["num_samples"] >= 4 and single["spatial_qa"]["num_questions"] == 4
-    expected = evaluation.flatten_scalars(single)
+    expected = flatten_scalars(single)
     for report in reports:  # every process returns the whole report
-        got = evaluation.flatten_scalars(report)
+        got = flatten_scalars(report)
         assert got.keys() == expected.keys()
         for key, value in expected.items():
             np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
@@ -65,5 +65,5 @@ def test_two_processes_write_the_one_process_report(tmp_path):
             [e["prediction"] for e in single["spatial_qa"]["examples"]]
     # Process 0 alone wrote the report and the pictures.
     written = json.loads((workdir / "eval" / "report.json").read_text())
-    assert evaluation.flatten_scalars(written) == evaluation.flatten_scalars(reports[0])
+    assert flatten_scalars(written) == flatten_scalars(reports[0])
     assert set(p.name for p in (workdir / "eval").iterdir()) == set(p.name for p in (tmp_path / "one" / "eval").iterdir())

@@ -11,7 +11,7 @@ from model_batches import fast_jit, make_batch, permute_frames, standard_batch
 
 from g2vlm_jax.config import g2vlm_2b_model, tiny_model
 from g2vlm_jax.model.g2vlm import G2VLM, official_backbone_params, parameter_counts
-from g2vlm_jax.training.optim import param_group
+from g2vlm_jax.core.optim import param_group
 
 
 # ---- 2B budget and shapes (abstract: nothing is allocated) ---------------------------------------

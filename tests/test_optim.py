@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from g2vlm_jax import config as C
-from g2vlm_jax.training import optim
+from g2vlm_jax.core import optim
 
 
 @pytest.mark.parametrize("path,group", [

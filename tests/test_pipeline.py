@@ -1,5 +1,4 @@
 """Grain pipeline: step-indexed batches (exact restore), disjoint processes, bad records counted or raised."""
-import dataclasses
 
 import numpy as np
 import pytest

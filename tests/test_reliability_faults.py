@@ -12,9 +12,9 @@ import pytest
 from g2vlm_jax import checkpoint as ckpt_lib
 from g2vlm_jax import config as C
 from g2vlm_jax import sharding
-from g2vlm_jax.training import data as data_lib
+from g2vlm_jax.core import data as data_lib
 from g2vlm_jax.training import loop
-from g2vlm_jax.training import state as state_lib
+from g2vlm_jax.core import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

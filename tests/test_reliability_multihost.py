@@ -11,7 +11,7 @@ from g2vlm_jax import cli
 from g2vlm_jax import config as C
 from g2vlm_jax import sharding
 from g2vlm_jax.training import loop
-from g2vlm_jax.training import state as state_lib
+from g2vlm_jax.core import state as state_lib
 from tests import multihost
 
 # 2 processes x 4 CPU devices: the fsdp mesh spans 8 devices, one pack per device.

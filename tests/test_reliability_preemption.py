@@ -17,7 +17,7 @@ from g2vlm_jax import checkpoint as ckpt_lib
 from g2vlm_jax import config as C
 from g2vlm_jax import sharding
 from g2vlm_jax.training import loop
-from g2vlm_jax.training import state as state_lib
+from g2vlm_jax.core import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL = 12

@@ -6,13 +6,13 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from g2vlm_jax import checkpoint as ckpt_lib
 from g2vlm_jax import config as C
 from g2vlm_jax import sharding
-from g2vlm_jax.training import loop, optim
-from g2vlm_jax.training import state as state_lib
+from g2vlm_jax.core import optim
+from g2vlm_jax.training import loop
+from g2vlm_jax.core import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def test_loss_falls_and_checkpoints_rotate(straight_run):
 
 def test_logs_carry_model_flops_and_mfu(straight_run):
     from g2vlm_jax import flops
-    from g2vlm_jax.training import data as data_lib
+    from g2vlm_jax.core import data as data_lib
 
     cfg, result = straight_run
     rows = [json.loads(line) for line in (result.workdir / "metrics.jsonl").read_text().splitlines()]

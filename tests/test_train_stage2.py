@@ -10,7 +10,8 @@ import pytest
 
 from g2vlm_jax import cli
 from g2vlm_jax import config as C
-from g2vlm_jax.inference import qa_eval
+from g2vlm_jax import evaluation
+from g2vlm_jax.evaluation import spatial_qa
 from g2vlm_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def qa_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("qa")
     cfg = C.load_experiment(str(ROOT / "experiments/tiny_synthetic.py:qa_test"), [f"workdir={workdir}"])
-    return cfg, loop.train(cfg)
+    return cfg, loop.train(cfg, evaluate=evaluation.training_hook(cfg))  # as `g2vlm train` runs it
 
 
 def test_stage2_ce_falls_without_geometry_loss(qa_run):
@@ -55,16 +56,16 @@ def test_score_report_bookkeeping():
     records = [{"task": "distance", "answer_type": "numeric", "score": 0.5},
                {"task": "distance", "answer_type": "numeric", "score": 1.0},
                {"task": "closer", "answer_type": "choice", "score": 0.0}]
-    report = qa_eval.score_report(records)
+    report = spatial_qa.score_report(records)
     assert report["overall"] == pytest.approx(0.5)
     assert report["per_task"] == {"closer": {"score": 0.0, "count": 1, "metric": "accuracy"},
                                   "distance": {"score": 0.75, "count": 2, "metric": "MRA"}}
     assert report["per_answer_type"] == {"choice": 0.0, "numeric": 0.75}
     with pytest.raises(ValueError, match="no questions"):
-        qa_eval.score_report([])
+        spatial_qa.score_report([])
 
 
 def test_spatial_qa_needs_a_qa_source():
     cfg = C.load_experiment(str(ROOT / "experiments/tiny_synthetic.py:test"))
     with pytest.raises(ValueError, match="needs an eval source of kind"):
-        qa_eval.eval_questions(cfg, 2)
+        spatial_qa.eval_questions(cfg, 2)

@@ -1,10 +1,10 @@
 """Training benchmark: the real train step on the real input pipeline — step time, tokens/s, MFU, compiles.
 
 Program measured: what `g2vlm train` runs per step (`g2vlm_jax/training/loop.py`): the train state of
-`training/state.create_train_state` (trainable / frozen split of the experiment's stage, AdamW state,
+`core/state.create_train_state` (trainable / frozen split of the experiment's stage, AdamW state,
 sharded on the experiment's mesh), `training/step.make_train_step` (CE + visual-geometry loss,
 gradient accumulation, clipping, AdamW, non-finite guard, state donated), fed by
-`training/data.make_train_iterator` (the Grain pipeline of `data_pipelines/pipeline.py`: records ->
+`core/data.make_train_iterator` (the Grain pipeline of `data_pipelines/pipeline.py`: records ->
 sampled, augmented views -> sequences -> packs, view count drawn per step and rounded up to
 `data.view_buckets`). Synthetic sources are built on first use under a temporary run directory.
 
@@ -30,13 +30,12 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 from g2vlm_jax import config as config_lib
 from g2vlm_jax import flops
 from g2vlm_jax import sharding as sharding_lib
-from g2vlm_jax.training import data as data_lib
-from g2vlm_jax.training import state as state_lib
+from g2vlm_jax.core import data as data_lib
+from g2vlm_jax.core import state as state_lib
 from g2vlm_jax.training import step as step_lib
 from tools.bench_common import memory_bytes
 

@@ -21,6 +21,8 @@ from flax import nnx
 
 from g2vlm_jax import checkpoint as ckpt_lib
 from g2vlm_jax import config as config_lib
+from g2vlm_jax import sharding as sharding_lib
+from g2vlm_jax.core import state as state_lib
 
 
 def _config_from_metadata(metadata: dict, where: str, overrides) -> config_lib.ExperimentConfig:
@@ -40,20 +42,13 @@ def _relative_tokenizer(cfg: config_lib.ExperimentConfig, base: pathlib.Path) ->
 
 def load_model(checkpoint: str | pathlib.Path, overrides=()) -> tuple[config_lib.ExperimentConfig, nnx.Module]:
     """(experiment config, model with the checkpoint's parameters) from a run dir or a params-only dir."""
-    path = pathlib.Path(checkpoint).absolute()
-    if (path / "params").is_dir() and (path / "metadata.json").is_file():
-        return _load_params_only(path, overrides)
-    if (path / "checkpoints").is_dir():
-        return _load_run(path, overrides)
-    raise FileNotFoundError(f"{path} is neither a training run directory (with checkpoints/) nor a params-only "
-                            "checkpoint (params/ + metadata.json); pass runs/<experiment name> or the output of "
-                            "`g2vlm export` / `g2vlm convert`")
+    folder = ckpt_lib.open_checkpoint(checkpoint, expect=(ckpt_lib.RUN, ckpt_lib.PARAMS))
+    if folder.kind == ckpt_lib.PARAMS:
+        return _load_params_only(folder.path, overrides)
+    return _load_run(folder.path, overrides)
 
 
 def _load_run(run_dir: pathlib.Path, overrides) -> tuple[config_lib.ExperimentConfig, nnx.Module]:
-    from g2vlm_jax import sharding as sharding_lib
-    from g2vlm_jax.training import state as state_lib
-
     probe = config_lib.ExperimentConfig()
     manager = ckpt_lib.make_manager(run_dir / "checkpoints", probe.checkpoint, read_only=True)
     steps = sorted(manager.all_steps())

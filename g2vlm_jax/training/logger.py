@@ -85,3 +85,14 @@ class MetricLogger:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+
+
+def flatten_scalars(report: dict, prefix: str = "") -> dict[str, float]:
+    """{'reconstruction': {'depth': {'abs_rel': x}}} -> {'reconstruction/depth/abs_rel': x} (numbers only)."""
+    flat = {}
+    for k, v in report.items():
+        if isinstance(v, dict):
+            flat.update(flatten_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+            flat[f"{prefix}{k}"] = float(v)
+    return flat

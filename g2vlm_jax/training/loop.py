@@ -1,6 +1,7 @@
 """The trainer, top to bottom: mesh -> sharded state -> data -> resume -> steps -> checkpoints -> eval.
 
-Read it in order; each section is one concern. The run is a pure function of (config, seed): the
+Read it in order; each section is one concern. Evaluation comes in as a hook (`evaluate`, e.g.
+`evaluation.training_hook(cfg)`, what `g2vlm train` passes): the trainer imports no evaluator. The run is a pure function of (config, seed): the
 data iterator is step-indexed and checkpointed with the state, so a resume continues the exact same
 run (bitwise-equal parameters, see tests/test_train.py and tests/test_reliability_preemption.py).
 """
@@ -11,6 +12,7 @@ import pathlib
 import signal
 import threading
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -21,11 +23,16 @@ from g2vlm_jax import config as config_lib
 from g2vlm_jax import flops as flops_lib
 from g2vlm_jax import meeting
 from g2vlm_jax import sharding as sharding_lib
-from g2vlm_jax.training import data as data_lib
-from g2vlm_jax.training import init as init_lib
-from g2vlm_jax.training import state as state_lib
+from g2vlm_jax.core import data as data_lib
+from g2vlm_jax.core import state as state_lib
 from g2vlm_jax.training import step as step_lib
+from g2vlm_jax.training import logger as logger_lib
 from g2vlm_jax.training.logger import MetricLogger
+
+
+# (spec, state, step, final) -> report: runs the held-out evaluators on every process at `step`
+# (`final`: the last evaluation of the run, which also writes pictures). See evaluation.training_hook.
+EvaluateHook = Callable[[state_lib.StateSpec, state_lib.TrainState, int, bool], dict]
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -79,9 +86,13 @@ class PreemptionWatcher:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = None,
-          run_final_eval: bool = True) -> TrainResult:
-    """Trains `cfg` until `optim.total_steps` (or `stop_after_steps` more steps), resuming if possible."""
+def train(cfg: config_lib.ExperimentConfig, *, evaluate: EvaluateHook | None = None,
+          stop_after_steps: int | None = None, run_final_eval: bool = True) -> TrainResult:
+    """Trains `cfg` until `optim.total_steps` (or `stop_after_steps` more steps), resuming if possible.
+
+    `evaluate` runs at step 0, every `eval.every_steps` and at the end (`run_final_eval`); without
+    it the run trains only.
+    """
     workdir = cfg.run_dir
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -105,7 +116,7 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
     else:
         start_step = 0
         if cfg.checkpoint.init_from:
-            state = init_lib.initialise_from(state, cfg)
+            state = ckpt_lib.initialise_from(state, cfg)
     step_fn = step_lib.make_train_step(spec, cfg, shardings, batch_sharding)
 
     # ---- Steps ---------------------------------------------------------------------------------
@@ -113,8 +124,8 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
     watcher = PreemptionWatcher(cfg.checkpoint.save_on_preemption, cfg.checkpoint.preemption_check_every_steps)
     end_step = cfg.optim.total_steps if stop_after_steps is None else min(cfg.optim.total_steps,
                                                                            start_step + stop_after_steps)
-    if cfg.eval.every_steps and start_step == 0 and stop_after_steps is None:
-        _evaluate(spec, cfg, state, workdir, logger, 0, final=False)  # the untrained baseline
+    if evaluate and cfg.eval.every_steps and start_step == 0 and stop_after_steps is None:
+        _evaluate(evaluate, spec, state, logger, 0, final=False)  # the untrained baseline
     pending = None  # (step, device metrics) of the previous step: read one step late
     tracing = False
     last_metrics: dict = {}
@@ -137,8 +148,8 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
             if step % cfg.checkpoint.every_steps == 0 or step == end_step:
                 ckpt_lib.save(manager, step, state, train_iter.get_state(), cfg)
                 last_saved = step
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end_step:
-                _evaluate(spec, cfg, state, workdir, logger, step, final=False)
+            if evaluate and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end_step:
+                _evaluate(evaluate, spec, state, logger, step, final=False)
             if watcher.should_stop(step):
                 if last_saved != step:  # this step may have just been saved by the schedule above
                     ckpt_lib.save(manager, step, state, train_iter.get_state(), cfg, force=True)
@@ -154,8 +165,8 @@ def train(cfg: config_lib.ExperimentConfig, *, stop_after_steps: int | None = No
 
     # ---- Final evaluation --------------------------------------------------------------------
     report = None
-    if run_final_eval and not preempted and step >= cfg.optim.total_steps:
-        report = _evaluate(spec, cfg, state, workdir, logger, step, final=True)
+    if evaluate and run_final_eval and not preempted and step >= cfg.optim.total_steps:
+        report = _evaluate(evaluate, spec, state, logger, step, final=True)
     logger.close()
     manager.close()
     return TrainResult(workdir=workdir, final_step=step, last_metrics=last_metrics, eval_report=report,
@@ -196,11 +207,10 @@ def _log(logger: MetricLogger, pending, cfg: config_lib.ExperimentConfig, force:
     return host
 
 
-def _evaluate(spec, cfg, state, workdir, logger, step, *, final: bool) -> dict:
-    from g2vlm_jax import evaluation  # evaluation composes metrics + inference; imported lazily
-
+def _evaluate(evaluate: EvaluateHook, spec, state, logger, step, *, final: bool) -> dict:
     t0 = time.perf_counter()
-    report = evaluation.run_evaluators(spec, cfg, state, workdir, step=step, write_pictures=final)
-    flat = {f"eval/{k}": v for k, v in evaluation.flatten_scalars(report).items()}
+    report = evaluate(spec, state, step, final)
+    flat = {f"eval/{k}": v for k, v in logger_lib.flatten_scalars(report).items()}
     logger.write(step, {**flat, "eval_time_s": time.perf_counter() - t0}, prefix="eval")
     return report
+

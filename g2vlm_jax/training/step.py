@@ -16,54 +16,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from g2vlm_jax import config as config_lib
-from g2vlm_jax import losses
 from g2vlm_jax import meeting
 from g2vlm_jax import sharding as sharding_lib
 from g2vlm_jax.batch import PackedBatch
-from g2vlm_jax.training import optim as optim_lib
-from g2vlm_jax.training.state import StateSpec, TrainState
-
-
-def _flatten_samples(x: jax.Array) -> jax.Array:
-    """[B, S, ...] -> [B*S, ...]: the geometry loss works per sample."""
-    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
-
-
-def batch_loss_terms(model: nnx.Module, batch: PackedBatch, cfg: config_lib.ExperimentConfig, *,
-                     want_ce: bool | None = None, want_vg: bool | None = None):
-    """Runs the model and returns un-normalised loss sums (and the model outputs).
-
-    Returns:
-      ce_sum: float32[]   sum of per-token CE over loss positions
-      vg_sum: float32[]   sum over valid samples of each sample's visual-geometry loss
-      details: dict of per-term means (for logging)
-      out: the ModelOutput
-    """
-    want_ce = cfg.loss.ce_weight > 0 if want_ce is None else want_ce
-    want_vg = cfg.loss.vg_weight > 0 if want_vg is None else want_vg
-    out = model(batch, compute_logits=want_ce, compute_geometry=want_vg)
-    details = {}
-    ce_sum = jnp.zeros((), jnp.float32)
-    vg_sum = jnp.zeros((), jnp.float32)
-    if want_ce:
-        lu = batch.num_sem_tokens
-        ce_sum, _ = losses.cross_entropy_sums(out.logits, batch.labels[:, :lu], batch.loss_mask[:, :lu])
-    if want_vg:
-        geo = out.geometry
-        pred = {"local_points": _flatten_samples(geo["local_points"]),
-                "camera_poses": _flatten_samples(geo["camera_poses"])}
-        if "global_points" in geo:
-            pred["global_points"] = _flatten_samples(geo["global_points"])
-        gt = {"world_points": _flatten_samples(batch.gt_world_points), "valid_mask": _flatten_samples(batch.gt_valid),
-              "camera_poses": _flatten_samples(batch.gt_poses),
-              "normal_loss_enabled": batch.normal_loss_enabled.reshape(-1),
-              "sample_valid": batch.sample_valid.reshape(-1)}
-        vg_mean, details = losses.visual_geometry_loss(pred, gt, cfg.loss)
-        vg_sum = vg_mean * jnp.sum(batch.sample_valid).astype(jnp.float32)
-    return ce_sum, vg_sum, details, out
+from g2vlm_jax.core import optim as optim_lib
+from g2vlm_jax.core.objective import batch_loss_terms
+from g2vlm_jax.core.state import StateSpec, TrainState
 
 
 def _split_micro(batch: PackedBatch, k: int) -> PackedBatch:
@@ -160,26 +120,3 @@ def make_train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state_sha
                                       in_shardings=(state_shardings, batch_sharding, None),
                                       out_shardings=(state_shardings, None), donate_argnums=(0,))
     return TrainStep(meeting.MeetBeforeRunning(jitted, "train step"), optim_lib.LearningRateSchedule.from_config(cfg.optim))
-
-
-def eval_geometry(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainState, batch: PackedBatch):
-    """Geometry outputs and the visual-geometry loss sum of a held-out batch (no gradients).
-
-    Returns (geometry dict [B, S, V, ...], vg_sum over valid samples).
-    """
-    _, vg_sum, _, out = batch_loss_terms(spec.model(state), batch, cfg, want_ce=False, want_vg=True)
-    return out.geometry, vg_sum
-
-
-def make_eval_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state_shardings,
-                   batch_sharding: NamedSharding) -> Callable:
-    """The held-out geometry program: jit(eval_geometry) under the preset's rules on the batch's mesh,
-    geometry outputs sharded like the batch and the loss sum replicated.
-
-    Called as `eval_step(state, batch)`; the reconstruction evaluator runs it and the AOT tool compiles it.
-    """
-    replicated = NamedSharding(batch_sharding.mesh, P())
-    jitted = sharding_lib.jit_sharded(functools.partial(eval_geometry, spec, cfg), batch_sharding.mesh,
-                                      cfg.mesh.preset, in_shardings=(state_shardings, batch_sharding),
-                                      out_shardings=(batch_sharding, replicated))
-    return meeting.MeetBeforeRunning(jitted, "reconstruction evaluator")

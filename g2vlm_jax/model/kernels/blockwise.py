@@ -29,7 +29,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from g2vlm_jax.model.mask import MaskInfo, build_mask, check_geo_mode
 from g2vlm_jax.model.kernels.tiles import block_may_attend, pad_info, pad_length, summarize

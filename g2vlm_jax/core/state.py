@@ -15,7 +15,7 @@ from flax import nnx, struct
 
 from g2vlm_jax import config as config_lib
 from g2vlm_jax import sharding as sharding_lib
-from g2vlm_jax.training import optim as optim_lib
+from g2vlm_jax.core import optim as optim_lib
 
 
 @struct.dataclass

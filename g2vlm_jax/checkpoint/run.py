@@ -1,4 +1,4 @@
-"""Orbax checkpoints: train state + data-iterator state + run metadata, restorable onto any mesh.
+"""Train-state checkpoints of a run: train state + data-iterator state + run metadata, restorable onto any mesh.
 
 Layout of a run directory:
 
@@ -150,39 +150,3 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
                 logging.warning("checkpoint %s set aside as %s", src, dst.name)
     meeting.wait("checkpoints set aside")  # the others may not reload before process 0 renamed them
     manager.reload()
-
-
-# --------------------------------------------------------------------------------------------------
-# Params-only checkpoints (export for serving, initialisation of a later stage, converted weights)
-# --------------------------------------------------------------------------------------------------
-def flat_params(params: Any) -> dict[str, Any]:
-    """nnx.State of parameters -> {'a/b/0/kernel': array} (the stable on-disk naming)."""
-    from flax import nnx
-
-    return {"/".join(str(k) for k in path): (v.get_value() if hasattr(v, "get_value") else v)
-            for path, v in nnx.to_flat_state(params)}
-
-
-def save_params(directory: str | pathlib.Path, params: dict[str, Any], metadata: dict) -> pathlib.Path:
-    """Writes a params-only Orbax checkpoint: `<dir>/params` (flat name -> array) + `<dir>/metadata.json`."""
-    directory = pathlib.Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / "params", params, force=True)
-    (directory / "metadata.json").write_text(json.dumps(metadata, indent=1, sort_keys=True))
-    return directory
-
-
-def load_params(directory: str | pathlib.Path, target: dict[str, jax.ShapeDtypeStruct] | None = None) -> tuple[dict, dict]:
-    """Reads a params-only checkpoint: (flat params, metadata). `target` places arrays with shardings."""
-    directory = pathlib.Path(directory).absolute()
-    if not (directory / "params").is_dir() or not (directory / "metadata.json").is_file():
-        raise FileNotFoundError(f"{directory} is not a params-only g2vlm checkpoint (expected params/ and "
-                                "metadata.json); create one with `g2vlm export` or `g2vlm convert`")
-    try:
-        metadata = json.loads((directory / "metadata.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{directory}/metadata.json is not valid JSON ({e}); re-export the checkpoint") from e
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(directory / "params", target) if target else checkpointer.restore(directory / "params")
-    return params, metadata

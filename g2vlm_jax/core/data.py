@@ -1,4 +1,4 @@
-"""Training-side data glue: this process's batches, and their assembly into global jax.Arrays.
+"""Data glue of training and evaluation: this process's batches, and their assembly into global jax.Arrays.
 
 Each JAX process builds only its own packs (data_pipelines.pipeline); the global batch is assembled
 with `jax.make_array_from_process_local_data`, so no host ever holds or sends the whole batch.

@@ -1,4 +1,4 @@
-"""Spatial-QA evaluator: generate answers to held-out questions and score them (SPEC 5).
+"""The `spatial_qa` evaluator: generate answers to held-out questions and score them (SPEC 5).
 
 Questions come from the experiment's `data.eval_sources` that carry QA (kinds 'recon_qa' and
 'vqa'), split `data.eval_split`. Question i is a fixed function of (seed, i): scene i mod #scenes,
@@ -72,8 +72,11 @@ def score_report(records: list[dict]) -> dict:
     }
 
 
-def run_spatial_qa(spec, cfg: config_lib.ExperimentConfig, state, *, num_batches: int) -> dict:
-    """Answers `num_batches * data.packs_per_step` held-out questions with the model of `state`."""
+def run_spatial_qa(spec, cfg: config_lib.ExperimentConfig, state, *, num_batches: int) -> tuple[dict, list[dict]]:
+    """Answers `num_batches * data.packs_per_step` held-out questions with the model of `state`.
+
+    Returns (report, one record per question: task, question, answer, prediction, score).
+    """
     tok = load_tokenizer(cfg.data.tokenizer)
     model = spec.model(state)
     questions = eval_questions(cfg, num_batches * cfg.data.packs_per_step)
@@ -88,4 +91,4 @@ def run_spatial_qa(spec, cfg: config_lib.ExperimentConfig, state, *, num_batches
             score = vqa_metrics.score_answer(text, qa.answer, qa.answer_type, num_choices=num_choices)
             records.append({"task": qa.task, "answer_type": qa.answer_type, "question": qa.question,
                             "answer": qa.answer, "prediction": text, "score": float(score)})
-    return score_report(records)
+    return score_report(records), records

@@ -1,0 +1,77 @@
+"""Params-only checkpoints (export for serving, initialisation of a later stage, converted weights).
+
+    <dir>/params           Orbax checkpoint of the flat parameters ('a/b/0/kernel' -> array), no optimiser state
+    <dir>/metadata.json    experiment config + model fingerprint (+ source, dtype)
+
+`initialise_from` loads one into a run's train state (`checkpoint.init_from`): every parameter of the
+model must be present with the same shape; extra names are an error too, so a checkpoint of another
+model can never be half-loaded silently. Optimiser state starts fresh.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from g2vlm_jax import config as config_lib
+from g2vlm_jax.checkpoint.folders import PARAMS, open_checkpoint
+from g2vlm_jax.core.state import TrainState
+
+
+def flat_params(params: Any) -> dict[str, Any]:
+    """nnx.State of parameters -> {'a/b/0/kernel': array} (the stable on-disk naming)."""
+    return {"/".join(str(k) for k in path): (v.get_value() if hasattr(v, "get_value") else v)
+            for path, v in nnx.to_flat_state(params)}
+def save_params(directory: str | pathlib.Path, params: dict[str, Any], metadata: dict) -> pathlib.Path:
+    """Writes a params-only Orbax checkpoint: `<dir>/params` (flat name -> array) + `<dir>/metadata.json`."""
+    directory = pathlib.Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / "params", params, force=True)
+    (directory / "metadata.json").write_text(json.dumps(metadata, indent=1, sort_keys=True))
+    return directory
+
+
+def load_params(directory: str | pathlib.Path, target: dict[str, jax.ShapeDtypeStruct] | None = None) -> tuple[dict, dict]:
+    """Reads a params-only checkpoint: (flat params, metadata). `target` places arrays with shardings."""
+    directory = open_checkpoint(directory, expect=(PARAMS,)).path
+    try:
+        metadata = json.loads((directory / "metadata.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{directory}/metadata.json is not valid JSON ({e}); re-export the checkpoint") from e
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(directory / "params", target) if target else checkpointer.restore(directory / "params")
+    return params, metadata
+
+
+def _place(params: nnx.State, flat: dict, where: str) -> nnx.State:
+    """Returns `params` with every value replaced by `flat[name]`, keeping each leaf's sharding."""
+    def load(path, variable):
+        name = "/".join(str(k) for k in path)
+        if name not in flat:
+            raise KeyError(f"{where}: parameter {name!r} is missing")
+        value, current = flat[name], variable.get_value()
+        if tuple(value.shape) != tuple(current.shape):
+            raise ValueError(f"{where}: parameter {name!r} has shape {tuple(value.shape)}, the model expects "
+                             f"{tuple(current.shape)}")
+        return variable.replace(jax.device_put(value.astype(current.dtype), current.sharding))
+
+    return nnx.map_state(load, params)
+
+
+def initialise_from(state: TrainState, cfg: config_lib.ExperimentConfig) -> TrainState:
+    """Loads `cfg.checkpoint.init_from` into the state's trainable and frozen parameters."""
+    where = cfg.checkpoint.init_from
+    flat, metadata = load_params(where)
+    ours = set(flat_params(state.trainable)) | set(flat_params(state.frozen))
+    unexpected = sorted(set(flat) - ours)
+    if unexpected:
+        raise ValueError(f"{where}: {len(unexpected)} parameters the model does not have, e.g. {unexpected[:3]}; "
+                         "is this a checkpoint of another model config?")
+    logging.info("initialising %d parameters from %s (%s)", len(flat), where, metadata.get("source", "export"))
+    return state.replace(trainable=_place(state.trainable, flat, where), frozen=_place(state.frozen, flat, where))

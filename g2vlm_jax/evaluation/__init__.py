@@ -1,0 +1,97 @@
+"""Evaluators declared in the experiment (`eval.evaluators`, names in config.EVALUATORS), run on held-out splits.
+
+- `reconstruction` (evaluation/reconstruction.py): depth, point maps and camera poses of held-out scenes.
+- `spatial_qa` (evaluation/spatial_qa.py): greedy answers from the chat decoder scored by MRA
+  (numeric) and option-letter accuracy (multiple choice), per task family.
+
+Output: `<workdir>/eval/report.json` (+ `report_step<N>.json` during training), TensorBoard scalars
+through the trainer's logger, and pictures a person wants to look at (evaluation/pictures.py).
+
+The trainer does not import this package: `g2vlm train` hands it `training_hook(cfg)` (see
+training/loop.py `train(..., evaluate=...)`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Callable
+
+import jax
+
+from g2vlm_jax import checkpoint as ckpt_lib
+from g2vlm_jax import config as config_lib
+from g2vlm_jax import sharding as sharding_lib
+from g2vlm_jax.core import state as state_lib
+from g2vlm_jax.evaluation import pictures, reconstruction, spatial_qa
+
+# name -> (run(spec, cfg, state, num_batches) -> (report, examples), draw(report, examples, out_dir) -> pictures)
+EVALUATORS: dict[str, tuple[Callable, Callable]] = {
+    "reconstruction": (reconstruction.run_reconstruction,
+                       lambda report, examples, out: pictures.reconstruction_pictures(examples, out)),
+    "spatial_qa": (spatial_qa.run_spatial_qa, lambda report, examples, out: pictures.accuracy_table(report, out)),
+}
+assert tuple(EVALUATORS) == config_lib.EVALUATORS, "every evaluator the config accepts has an implementation"
+
+
+def run_evaluators(spec, cfg: config_lib.ExperimentConfig, state, workdir: pathlib.Path, *, step: int,
+                   write_pictures: bool) -> dict:
+    """Runs every evaluator of `cfg.eval`, writes the JSON report (and pictures), returns the report.
+
+    Every process of a multi-process run calls it (each evaluates its share); process 0 writes.
+    """
+    out_dir = pathlib.Path(workdir) / "eval"
+    writer = jax.process_index() == 0
+    write_pictures = write_pictures and writer
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"experiment": cfg.name, "step": step, "split": cfg.data.eval_split}
+    for name in cfg.eval.evaluators:
+        run, draw = EVALUATORS[name]
+        report[name], examples = run(spec, cfg, state, num_batches=cfg.eval.num_batches)
+        if write_pictures:
+            report[name]["pictures"] = draw(report[name], examples, out_dir)
+    if writer:
+        text = json.dumps(report, indent=1, sort_keys=True, default=float)
+        (out_dir / f"report_step{step}.json").write_text(text)
+        if write_pictures:
+            (out_dir / "report.json").write_text(text)
+    return report
+
+
+def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib.Path, *, step: int | None = None) -> dict:
+    """Restores a run's checkpoint (newest readable one, or `step`) and runs every evaluator of `cfg`.
+
+    The report and pictures go to `<run_dir>/eval/`.
+    """
+    # The run's checkpoints: `checkpoint.directory` when the experiment moved them (e.g. to gs://).
+    folder = ckpt_lib.open_checkpoint(run_dir, expect=(ckpt_lib.RUN, ckpt_lib.PARAMS),
+                                      checkpoints=cfg.checkpoint.directory)
+    run_dir, checkpoints = folder.path, folder.checkpoints
+    mesh = sharding_lib.make_mesh(cfg.mesh)
+    spec, state, shardings = state_lib.create_train_state(cfg, mesh)
+    if folder.kind == ckpt_lib.PARAMS:  # exported or converted weights: the experiment gives everything else
+        cfg_from = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=str(run_dir)))
+        state = ckpt_lib.initialise_from(state, cfg_from)
+        return run_evaluators(spec, cfg, state, run_dir, step=step or 0, write_pictures=True)
+    manager = ckpt_lib.make_manager(checkpoints, cfg.checkpoint, read_only=True)
+    if step is None:
+        restored = ckpt_lib.restore_latest(manager, state, shardings, cfg)
+        if restored is None:
+            raise FileNotFoundError(f"{checkpoints} holds no readable checkpoint")
+        step, state, _ = restored
+    else:
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        state, _ = ckpt_lib.restore(manager, step, abstract, shardings, cfg)
+    return run_evaluators(spec, cfg, state, run_dir, step=step, write_pictures=True)
+
+
+def training_hook(cfg: config_lib.ExperimentConfig) -> Callable:
+    """The trainer's `evaluate` hook: (spec, state, step, final) -> report, run on every process.
+
+    Writes `report_step<step>.json`; the final evaluation also writes `report.json` and the pictures.
+    """
+    def evaluate(spec, state, step: int, final: bool) -> dict:
+        return run_evaluators(spec, cfg, state, cfg.run_dir, step=step, write_pictures=final)
+
+    return evaluate
