@@ -85,7 +85,7 @@ def test_reconstruct_rejects_bad_inputs(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png cannot be decoded"):
         reconstruct.load_images(reconstruct.list_images(tmp_path), 56)
-    with pytest.raises(FileNotFoundError, match="neither a training run directory"):
+    with pytest.raises(FileNotFoundError, match="is none of these; expected a training run directory .* or a params-only"):
         load.load_model(tmp_path)
 
 
