@@ -31,6 +31,7 @@ from g2vlm_jax.batch import (GEO_PATCH, TOKEN_DINO, TOKEN_FIELDS, TOKEN_TEXT, TO
 from g2vlm_jax.tokenizer import Tokenizer
 
 RECON_PROMPT = "Reconstruct the 3D scene."
+RECON_PREFIX = "<|im_start|>" + RECON_PROMPT  # the reconstruction layout's text (SPEC 4, as the official `recon`)
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
@@ -41,6 +42,9 @@ def system_prefix(system: str = DEFAULT_SYSTEM) -> str:
 
 SYSTEM_PREFIX = system_prefix()
 ASSISTANT_TURN = "<|im_end|>\n<|im_start|>assistant"
+# The first input of the assistant's answer: training labels it with the answer's first token, and
+# generation feeds it before decoding (SPEC 4: "decode from \n", as the official chat does).
+ANSWER_START = "\n"
 
 
 @dataclasses.dataclass
@@ -148,31 +152,32 @@ class SequenceBuilder:
 
 
 def recon_sample(tok: Tokenizer, views: int, height: int, width: int) -> SampleTokens:
-    """Stage-1 layout: the reconstruction prompt (causal, no BOS), then the geometry frames."""
+    """Stage-1 layout: `<|im_start|>Reconstruct the 3D scene.` (causal), then the geometry frames."""
     b = SequenceBuilder(tok)
-    b.text(RECON_PROMPT)
+    b.text(RECON_PREFIX)
     b.geometry_frames(views, height, width)
     return b.build()
 
 
 def _answer(b: SequenceBuilder, answer: str) -> None:
-    """`\\n`+answer trained with CE (last token predicts <|im_end|>), then the extra <|im_end|> input."""
+    """ANSWER_START + answer trained with CE (the ANSWER_START token predicts the answer's first token,
+    the last one <|im_end|>), then the extra <|im_end|> input. ANSWER_START is encoded on its own, so
+    its id is the one generation feeds (`inference.generate.prompt_sample`)."""
     im_end = b.tok.special.im_end
-    b.text("\n" + answer, loss=True, next_id=im_end)
+    b.tokens(b.tok.encode(ANSWER_START) + b.tok.encode(answer), loss=True, next_id=im_end)
     b.text("<|im_end|>")
 
 
 def chat_prompt(tok: Tokenizer, views: int, height: int, width: int, num_sem: int, sem_height: int,
                 sem_width: int, question: str) -> SequenceBuilder:
-    """The chat layouts up to the assistant turn (what a model answers from; nothing trained yet).
-
-    With geometry frames (views > 0, the stage-2 layout): chat prefix, reconstruction prompt,
-    frames, semantic images, question. Without (general VQA): chat prefix, semantic images, question.
+    """The chat layouts up to the assistant turn (what a model answers from; nothing trained yet), SPEC 4:
+    chat prefix, geometry frames (views > 0: the stage-2 layout; none for general VQA), semantic
+    images, question, `<|im_end|>\n<|im_start|>assistant`. No reconstruction prompt: the official
+    `chat_with_recon` has none.
     """
     b = SequenceBuilder(tok)
     b.text(SYSTEM_PREFIX)
     if views:
-        b.text(RECON_PROMPT)
         b.geometry_frames(views, height, width)
     for _ in range(num_sem):
         b.semantic_image(sem_height, sem_width)

@@ -24,8 +24,9 @@ def get_config(arg: str = "") -> c.ExperimentConfig:
         return _qa_test_config()
     qa = arg == "qa"
     model = c.tiny_model(freeze_und=not qa, freeze_recon=qa, use_vit=qa)
+    # QA: 64 held-out scenes give >= 50 questions of every task family (eval.qa_per_task).
     source = c.DataSource(name="synthetic_qa" if qa else "synthetic", kind="recon_qa" if qa else "recon",
-                          synthetic_scenes=(192, 16, 16))
+                          synthetic_scenes=(192, 64, 16) if qa else (192, 16, 16))
     data = c.DataConfig(
         sources=(source,),
         eval_sources=(source,),
@@ -50,7 +51,7 @@ def get_config(arg: str = "") -> c.ExperimentConfig:
         mesh=c.MeshConfig(preset="fsdp", data=1, fsdp=-1, tensor=1),
         checkpoint=c.CheckpointConfig(every_steps=100, keep_last=2),
         eval=c.EvalConfig(evaluators=("spatial_qa",) if qa else ("reconstruction",), every_steps=100,
-                          num_batches=4),
+                          num_batches=4, qa_per_task=50),
         log_every=10,
     )
 
@@ -87,4 +88,5 @@ def _qa_test_config() -> c.ExperimentConfig:
         base, name="tiny_synthetic_qa_test", model=model, data=data,
         optim=dataclasses.replace(base.optim, warmup_steps=3, total_steps=16),
         checkpoint=c.CheckpointConfig(every_steps=8, keep_last=2),
-        eval=c.EvalConfig(evaluators=("spatial_qa",), every_steps=0, num_batches=2, max_new_tokens=8), log_every=1)
+        eval=c.EvalConfig(evaluators=("spatial_qa",), every_steps=0, num_batches=2, max_new_tokens=8, qa_per_task=2,
+                          qa_batch_size=4), log_every=1)

@@ -341,10 +341,14 @@ class EvalConfig:
     every_steps: int = 0  # evaluate during training every N steps (0 = only at the end)
     num_batches: int = 4  # held-out batches per evaluation
     max_new_tokens: int = 16  # generation length for QA evaluators
+    qa_per_task: int = 50  # spatial_qa: held-out questions per task family
+    qa_batch_size: int = 32  # spatial_qa: questions answered together (one prefill and decode batch)
 
     def validate(self, prefix: str = "eval.") -> None:
         for e in self.evaluators:
             _require(e in EVALUATORS, prefix + "evaluators", f"unknown evaluator {e!r}; allowed values are {list(EVALUATORS)}")
+        _require(self.qa_per_task > 0, prefix + "qa_per_task", "must be > 0")
+        _require(self.qa_batch_size > 0, prefix + "qa_batch_size", "must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -115,6 +115,11 @@ def test_chat_cli_and_params_only_checkpoint(tiny_trained_run, tmp_path, capsys)
     expected = gen.generate(again, tok, [gen.Prompt(question, geo, np.zeros((0, 28, 28, 3), np.float32))],
                             max_new_tokens=4).texts[0]
     assert printed == expected + "\n"
+    # Semantic images for a reconstruction-only model: one line saying what to do instead.
+    assert cli.main(["chat", "--checkpoint", str(tmp_path / "params_only"), "--images", str(frames / "0.png"),
+                     "--question", question]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trained for reconstruction only" in err and "tiny_synthetic.py:qa" in err
 
 
 def test_eval_command_on_a_params_only_checkpoint(tiny_trained_run, tmp_path):

@@ -13,12 +13,31 @@ def tok():
     return load_tokenizer("sentencepiece:builtin")
 
 
+def test_reconstruction_and_chat_layouts_are_the_official_ones(tok):
+    """SPEC 4: reconstruction starts `<|im_start|>Reconstruct the 3D scene.`; chat is the chat template,
+    the frames, the images, the question, `<|im_end|>\n<|im_start|>assistant`, then `\n` (the answer's
+    first input, labelled with the answer's first token)."""
+    sp = tok.special
+    recon = S.recon_sample(tok, 2, 28, 28)
+    n = len(tok.encode(S.RECON_PREFIX))
+    assert recon.token_ids[0] == sp.im_start and list(recon.token_ids[:n]) == tok.encode("<|im_start|>Reconstruct the 3D scene.")
+    assert recon.token_ids[n] == sp.vision_start and recon.geo_frame[n] == 0
+    qa = S.recon_qa_sample(tok, 2, 28, 28, 0, 56, 56, "How far?", "2.4")
+    text = qa.token_ids[qa.token_type == TOKEN_TEXT]
+    question_end = tok.encode("How far?" + S.ASSISTANT_TURN)
+    nl = tok.encode(S.ANSWER_START)
+    assert len(nl) == 1
+    tail = list(text[-(len(question_end) + len(nl) + len(tok.encode("2.4")) + 1):])
+    assert tail == question_end + nl + tok.encode("2.4") + [sp.im_end]
+    first = int(np.flatnonzero(qa.loss_mask)[0])
+    assert qa.token_ids[first] == nl[0] and qa.labels[first] == tok.encode("2.4")[0]
+    assert tok.encode(S.RECON_PROMPT)[0] not in qa.token_ids[:first]  # no reconstruction prompt in chat
+
+
 def test_recon_qa_positions_splits_and_labels_hand_written(tok):
     # 2 geometry frames of 28x28 (2x2 patches), one 56x56 semantic image (2x2 merged tokens).
     s = S.recon_qa_sample(tok, 2, 28, 28, 1, 56, 56, "Which is closer?", "B")
-    n_prefix = len(tok.encode(S.SYSTEM_PREFIX))
-    n_prompt = len(tok.encode(S.RECON_PROMPT))
-    p = n_prefix + n_prompt  # first image start marker
+    p = len(tok.encode(S.SYSTEM_PREFIX))  # first image start marker: the chat layout has no reconstruction prompt
     # Rows: (token type, t, h, w, split offset, full, geo_frame) for the image part, written out by hand.
     expected = [
         (TOKEN_TEXT, p, p, p, 0, True, 0),            # <|vision_start|> of frame 0

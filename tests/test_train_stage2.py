@@ -38,11 +38,19 @@ def test_stage2_ce_falls_without_geometry_loss(qa_run):
 def test_spatial_qa_report_and_eval_command(qa_run):
     cfg, result = qa_run
     report = result.eval_report["spatial_qa"]
-    assert report["num_questions"] == cfg.eval.num_batches * cfg.data.packs_per_step == 4
-    assert 0.0 <= report["overall"] <= 1.0
-    assert sum(t["count"] for t in report["per_task"].values()) == 4
-    for ex in report["examples"]:
-        assert set(ex) == {"task", "answer_type", "question", "answer", "prediction", "score"}
+    per_task = report["per_task"]
+    # Every task family of the generator, up to eval.qa_per_task (2) questions each, with its baseline.
+    assert set(per_task) == {"distance", "depth", "closer", "count", "direction", "camera_motion"}
+    assert all(1 <= t["count"] <= cfg.eval.qa_per_task == 2 for t in per_task.values())
+    assert report["num_questions"] == sum(t["count"] for t in per_task.values())
+    assert 0.0 <= report["overall"] <= 1.0 and 0.0 <= report["overall_baseline"] <= 1.0
+    assert all(0.0 <= t["baseline"] <= 1.0 and t["baseline_answer"] for t in per_task.values())
+    answers = [json.loads(line) for line in (result.workdir / "eval" / "spatial_qa_answers_step16.jsonl")
+               .read_text().splitlines()]
+    assert len(answers) == report["num_questions"]
+    for ex in answers:
+        assert set(ex) == {"task", "answer_type", "question", "answer", "prediction", "score", "baseline_answer",
+                           "baseline_score"}
     # `g2vlm eval` on the checkpoint reproduces the same report (greedy decoding is deterministic).
     assert cli.main(["eval", "--experiment", str(ROOT / "experiments/tiny_synthetic.py:qa_test"),
                      "--set", f"workdir={result.workdir}", "--checkpoint", str(result.workdir)]) == 0
@@ -61,6 +69,13 @@ def test_score_report_bookkeeping():
     assert report["per_task"] == {"closer": {"score": 0.0, "count": 1, "metric": "accuracy"},
                                   "distance": {"score": 0.75, "count": 2, "metric": "MRA"}}
     assert report["per_answer_type"] == {"choice": 0.0, "numeric": 0.75}
+    assert "overall_baseline" not in report
+    with_baseline = [{**r, "baseline_answer": "X", "baseline_score": b} for r, b in zip(records, (0.25, 0.75, 1.0))]
+    report = spatial_qa.score_report(with_baseline)
+    assert report["overall_baseline"] == pytest.approx(2 / 3)
+    assert report["per_task"]["distance"]["baseline"] == pytest.approx(0.5)
+    assert report["per_task"]["closer"] == {"score": 0.0, "count": 1, "metric": "accuracy", "baseline": 1.0,
+                                            "baseline_answer": "X"}
     with pytest.raises(ValueError, match="no questions"):
         spatial_qa.score_report([])
 

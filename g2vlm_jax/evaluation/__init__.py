@@ -5,7 +5,8 @@
   (numeric) and option-letter accuracy (multiple choice), per task family.
 
 Output: `<workdir>/eval/report.json` (+ `report_step<N>.json` during training), TensorBoard scalars
-through the trainer's logger, and pictures a person wants to look at (evaluation/pictures.py).
+through the trainer's logger, pictures a person wants to look at (evaluation/pictures.py), and
+every spatial-QA answer with its question, reference and score (`spatial_qa_answers_step<N>.jsonl`).
 
 The trainer does not import this package: `g2vlm train` hands it `training_hook(cfg)` (see
 training/loop.py `train(..., evaluate=...)`).
@@ -25,11 +26,21 @@ from g2vlm_jax import sharding as sharding_lib
 from g2vlm_jax.core import state as state_lib
 from g2vlm_jax.evaluation import pictures, reconstruction, spatial_qa
 
-# name -> (run(spec, cfg, state, num_batches) -> (report, examples), draw(report, examples, out_dir) -> pictures)
-EVALUATORS: dict[str, tuple[Callable, Callable]] = {
-    "reconstruction": (reconstruction.run_reconstruction,
-                       lambda report, examples, out: pictures.reconstruction_pictures(examples, out)),
-    "spatial_qa": (spatial_qa.run_spatial_qa, lambda report, examples, out: pictures.accuracy_table(report, out)),
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    """run(spec, cfg, state, num_batches=) -> (report, examples); draw(report, examples, out_dir) -> picture
+    names; `answers`: when set, every example is written as one JSON line to eval/<answers>_step<N>.jsonl."""
+
+    run: Callable
+    draw: Callable
+    answers: str = ""
+
+
+EVALUATORS: dict[str, Evaluator] = {
+    "reconstruction": Evaluator(reconstruction.run_reconstruction,
+                                lambda report, examples, out: pictures.reconstruction_pictures(examples, out)),
+    "spatial_qa": Evaluator(spatial_qa.run_spatial_qa, lambda report, examples, out: pictures.accuracy_table(report, out),
+                            answers="spatial_qa_answers"),
 }
 assert tuple(EVALUATORS) == config_lib.EVALUATORS, "every evaluator the config accepts has an implementation"
 
@@ -47,10 +58,13 @@ def run_evaluators(spec, cfg: config_lib.ExperimentConfig, state, workdir: pathl
         out_dir.mkdir(parents=True, exist_ok=True)
     report = {"experiment": cfg.name, "step": step, "split": cfg.data.eval_split}
     for name in cfg.eval.evaluators:
-        run, draw = EVALUATORS[name]
-        report[name], examples = run(spec, cfg, state, num_batches=cfg.eval.num_batches)
+        evaluator = EVALUATORS[name]
+        report[name], examples = evaluator.run(spec, cfg, state, num_batches=cfg.eval.num_batches)
+        if writer and evaluator.answers:
+            (out_dir / f"{evaluator.answers}_step{step}.jsonl").write_text(
+                "".join(json.dumps(e, sort_keys=True, default=float) + "\n" for e in examples))
         if write_pictures:
-            report[name]["pictures"] = draw(report[name], examples, out_dir)
+            report[name]["pictures"] = evaluator.draw(report[name], examples, out_dir)
     if writer:
         text = json.dumps(report, indent=1, sort_keys=True, default=float)
         (out_dir / f"report_step{step}.json").write_text(text)

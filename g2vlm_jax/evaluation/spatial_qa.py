@@ -1,15 +1,22 @@
 """The `spatial_qa` evaluator: generate answers to held-out questions and score them (SPEC 5).
 
 Questions come from the experiment's `data.eval_sources` that carry QA (kinds 'recon_qa' and
-'vqa'), split `data.eval_split`. Question i is a fixed function of (seed, i): scene i mod #scenes,
-its (i div #scenes)-th question, views sampled without augmentation from the largest view bucket,
-the semantic image built exactly as for training (`pipeline.qa_inputs`). Answers are generated
-greedily with the KV cache (inference/generate.py) and scored by `metrics.vqa.score_answer`:
-MRA for numeric answers, exact option letter for multiple choice.
+'vqa'), split `data.eval_split`: up to `eval.qa_per_task` questions of every task family, taken
+in scene order (deterministic), each with views sampled without augmentation from the evaluation
+bucket and the semantic image built exactly as for training (`pipeline.qa_inputs`). Answers are
+generated greedily with the KV cache (inference/generate.py), `eval.qa_batch_size` questions at a
+time, and scored by `metrics.vqa.score_answer`: MRA for numeric answers, exact option letter for
+multiple choice.
+
+Beside each family's score stands its trivial baseline, computed from the training split of the
+same sources and scored on the same held-out questions: the mean training answer for numeric
+families, the most frequent correct letter for choice families. A model that beats it uses the
+images; one that matches it has learnt the answer distribution only.
 
 Report:
-    num_questions, overall (mean score), per_task {task: {score, metric, count}},
-    per_answer_type {numeric: MRA, choice: accuracy}, examples [{question, answer, prediction, score}]
+    num_questions, overall (mean score), overall_baseline,
+    per_task {task: {score, baseline, baseline_answer, metric, count}},
+    per_answer_type {numeric: MRA, choice: accuracy}, examples [{task, question, answer, prediction, score}]
 """
 from __future__ import annotations
 
@@ -27,33 +34,65 @@ QA_KINDS = ("recon_qa", "vqa")
 NUM_EXAMPLES = 8  # question/answer/prediction triples kept in the report
 
 
-def eval_questions(cfg: config_lib.ExperimentConfig, num_questions: int) -> list[tuple[gen.Prompt, object]]:
-    """(prompt, QAPair) of the first `num_questions` held-out questions (deterministic)."""
-    d = cfg.data
-    sources = [s for s in d.eval_sources if s.kind in QA_KINDS]
+def _qa_sources(cfg: config_lib.ExperimentConfig):
+    sources = [s for s in cfg.data.eval_sources if s.kind in QA_KINDS]
     if not sources:
         raise ValueError(f"evaluator 'spatial_qa' needs an eval source of kind {list(QA_KINDS)}; "
-                         f"data.eval_sources has kinds {[s.kind for s in d.eval_sources]}")
+                         f"data.eval_sources has kinds {[s.kind for s in cfg.data.eval_sources]}")
+    return sources
+
+
+def eval_questions(cfg: config_lib.ExperimentConfig, per_task: int) -> list[tuple[gen.Prompt, object]]:
+    """(prompt, QAPair) of up to `per_task` held-out questions of every task family (deterministic:
+    scenes in order, each scene's questions in order), families interleaved."""
+    d = cfg.data
     bucket = pipeline.eval_bucket(d)
-    out = []
-    for k, source in enumerate(sources):
+    by_task: dict[str, list] = collections.defaultdict(list)
+    for k, source in enumerate(_qa_sources(cfg)):
         scenes = pipeline.open_source(source, d, d.eval_split, cfg.run_dir)
-        share = num_questions // len(sources) + (k < num_questions % len(sources))
-        for i in range(share):
-            scene = scenes[i % len(scenes)]
-            if not scene.qa:
-                raise ValueError(f"{source.name}[{i % len(scenes)}] ({d.eval_split}) has no questions; "
-                                 "the spatial_qa evaluator needs QA scenes in every eval source of kind recon_qa/vqa")
-            qa = scene.qa[(i // len(scenes)) % len(scene.qa)]
-            rng = np.random.default_rng([10_000 + d.seed, k, i])
+        for i in range(len(scenes)):
+            scene = scenes[i]
+            for j, qa in enumerate(scene.qa):
+                if len(by_task[qa.task]) < per_task:
+                    by_task[qa.task].append((k, source, i, j, scene, qa))
+    if not by_task:
+        raise ValueError(f"the eval sources {[s.name for s in _qa_sources(cfg)]} ({d.eval_split}) hold no questions; "
+                         "the spatial_qa evaluator needs QA scenes in every eval source of kind recon_qa/vqa")
+    out = []
+    for rank in range(per_task):  # interleave: the first question of every family, then the second, ...
+        for task in sorted(by_task):
+            if rank >= len(by_task[task]):
+                continue
+            k, source, i, j, scene, qa = by_task[task][rank]
+            rng = np.random.default_rng([10_000 + d.seed, k, i, j])
             view_sample, sem = pipeline.qa_inputs(scene, qa, bucket, d.vit_image_size, rng, augment=False)
             geo = view_sample.images if source.kind == "recon_qa" else np.zeros((0, 14, 14, 3), np.float32)
             out.append((gen.Prompt(qa.question, geo, sem[None]), qa))
     return out
 
 
+def baseline_answers(cfg: config_lib.ExperimentConfig) -> dict[str, str]:
+    """task -> the trivial answer learnt from the training split of the eval sources: the mean answer of
+    a numeric family (2 decimals), the most frequent correct letter of a choice family."""
+    answers: dict[str, list] = collections.defaultdict(list)
+    kinds: dict[str, str] = {}
+    for source in _qa_sources(cfg):
+        scenes = pipeline.open_source(source, cfg.data, "train", cfg.run_dir)
+        for i in range(len(scenes)):
+            for qa in scenes[i].qa:
+                answers[qa.task].append(qa.answer)
+                kinds[qa.task] = qa.answer_type
+    out = {}
+    for task, values in answers.items():
+        if kinds[task] == "numeric":
+            out[task] = f"{np.mean([vqa_metrics.extract_number(v) for v in values]):.2f}"
+        else:
+            out[task] = collections.Counter(values).most_common(1)[0][0]
+    return out
+
+
 def score_report(records: list[dict]) -> dict:
-    """records: [{task, answer_type, score, ...}] -> the report of the module docstring."""
+    """records: [{task, answer_type, score, baseline_score?, ...}] -> the report of the module docstring."""
     if not records:
         raise ValueError("spatial_qa: no questions were evaluated")
     per_task: dict = collections.defaultdict(list)
@@ -62,7 +101,7 @@ def score_report(records: list[dict]) -> dict:
         per_task[r["task"]].append(r)
         per_type[r["answer_type"]].append(r["score"])
     metric = {"numeric": "MRA", "choice": "accuracy"}
-    return {
+    report = {
         "num_questions": len(records),
         "overall": float(np.mean([r["score"] for r in records])),
         "per_task": {t: {"score": float(np.mean([r["score"] for r in rs])), "count": len(rs),
@@ -70,18 +109,26 @@ def score_report(records: list[dict]) -> dict:
         "per_answer_type": {t: float(np.mean(s)) for t, s in sorted(per_type.items())},
         "examples": records[:NUM_EXAMPLES],
     }
+    if all("baseline_score" in r for r in records):
+        report["overall_baseline"] = float(np.mean([r["baseline_score"] for r in records]))
+        for t, rs in per_task.items():
+            report["per_task"][t].update(baseline=float(np.mean([r["baseline_score"] for r in rs])),
+                                         baseline_answer=rs[0]["baseline_answer"])
+    return report
 
 
 def run_spatial_qa(spec, cfg: config_lib.ExperimentConfig, state, *, num_batches: int) -> tuple[dict, list[dict]]:
-    """Answers `num_batches * data.packs_per_step` held-out questions with the model of `state`.
+    """Answers up to `eval.qa_per_task` held-out questions per task family with the model of `state`
+    (`num_batches` is the reconstruction evaluator's; unused here).
 
-    Returns (report, one record per question: task, question, answer, prediction, score).
+    Returns (report, one record per question: task, question, answer, prediction, score, baseline).
     """
     tok = load_tokenizer(cfg.data.tokenizer)
     model = spec.model(state)
-    questions = eval_questions(cfg, num_batches * cfg.data.packs_per_step)
+    questions = eval_questions(cfg, cfg.eval.qa_per_task)
+    baselines = baseline_answers(cfg)
     records = []
-    step = cfg.data.packs_per_step
+    step = cfg.eval.qa_batch_size
     for start in range(0, len(questions), step):
         chunk = questions[start:start + step]
         result = gen.generate(model, tok, [p for p, _ in chunk], max_new_tokens=cfg.eval.max_new_tokens,
@@ -89,6 +136,10 @@ def run_spatial_qa(spec, cfg: config_lib.ExperimentConfig, state, *, num_batches
         for (prompt, qa), text in zip(chunk, result.texts):
             num_choices = len(qa.choices) or 26
             score = vqa_metrics.score_answer(text, qa.answer, qa.answer_type, num_choices=num_choices)
-            records.append({"task": qa.task, "answer_type": qa.answer_type, "question": qa.question,
-                            "answer": qa.answer, "prediction": text, "score": float(score)})
+            record = {"task": qa.task, "answer_type": qa.answer_type, "question": qa.question,
+                      "answer": qa.answer, "prediction": text, "score": float(score)}
+            if qa.task in baselines:
+                record.update(baseline_answer=baselines[qa.task], baseline_score=float(vqa_metrics.score_answer(
+                    baselines[qa.task], qa.answer, qa.answer_type, num_choices=num_choices)))
+            records.append(record)
     return score_report(records), records

@@ -33,6 +33,12 @@ def load_semantic_images(paths: list[str], size: tuple[int, int]) -> np.ndarray:
 def answer(model, tok, cfg: config_lib.ExperimentConfig, *, question: str, images: list[str], frames: str = "",
            max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> str:
     """The model's answer text (up to <|im_end|>)."""
+    if images and not cfg.model.use_vit:
+        raise ValueError(
+            f"this checkpoint ({cfg.name}) was trained for reconstruction only (model.use_vit=false): it has no "
+            "semantic image encoder and its language expert never learnt to answer. Train a spatial-QA stage from it "
+            "(e.g. `g2vlm train --experiment experiments/tiny_synthetic.py:qa`) and chat with that checkpoint, or "
+            "run `g2vlm reconstruct` on these images")
     sem = load_semantic_images(images, tuple(cfg.data.vit_image_size))
     if frames:
         frame_files = reconstruct.list_images(frames)

@@ -67,12 +67,13 @@ class PromptBatch:
 
 
 def prompt_sample(tok: Tokenizer, prompt: Prompt, answer_ids: list[int] = ()) -> sequence.SampleTokens:
-    """The chat-layout tokens of `prompt`, optionally followed by (already generated) answer tokens."""
+    """The chat-layout tokens of `prompt` and the answer's start (`sequence.ANSWER_START`, whose logits
+    give the first answer token), optionally followed by (already generated) answer tokens."""
     v, h, w = prompt.geo_images.shape[:3] if len(prompt.geo_images) else (0, 0, 0)
     n = len(prompt.sem_images)
     sh, sw = prompt.sem_images.shape[1:3] if n else (0, 0)
     builder = sequence.chat_prompt(tok, v, h, w, n, sh, sw, prompt.question)
-    builder.tokens(list(answer_ids))
+    builder.tokens(tok.encode(sequence.ANSWER_START) + list(answer_ids))
     return builder.build()
 
 
@@ -248,6 +249,6 @@ def generate(model: nnx.Module, tok: Tokenizer, prompts: list[Prompt], *, max_ne
         logits, cache = decode(graphdef, state, *_to_devices((host, pb.next_position + i, pb.next_order + i), state),
                                 cache)
         logits = _local(logits)
-    texts = [tok.decode(ids).strip() for ids in out_ids]  # the answer item starts with "\n"
+    texts = [tok.decode(ids).strip() for ids in out_ids]
     geometry = meeting.to_host(geometry) if geometry is not None else None
     return Generation(out_ids, texts, np.stack(steps_logits, axis=1) if keep_logits else None, geometry)

@@ -1,0 +1,39 @@
+"""The semantic expert learns to answer: `g2vlm train --experiment experiments/tiny_synthetic.py:qa` (the
+README's QA command) ends with a spatial-QA report whose answers are real answers.
+
+Before the chat layout fed `\\n` after the assistant turn (SPEC 4), the trained model answered every
+question with an empty string while its CE fell; this test reads what a user reads: every prediction
+of `eval/spatial_qa_answers_step300.jsonl` is non-empty and parses as its family's type (a number for
+numeric families, an option letter for choice families), and every family has its baseline beside it.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from g2vlm_jax.metrics import vqa
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FAMILIES = {"distance", "depth", "closer", "count", "direction", "camera_motion"}
+
+
+def test_qa_experiment_answers_every_question_in_its_type(tmp_path):
+    workdir = tmp_path / "qa"
+    cmd = [sys.executable, "-m", "g2vlm_jax.cli", "train", "--experiment", "experiments/tiny_synthetic.py:qa",
+           "--set", f"workdir={workdir}", "--set", "eval.every_steps=0", "--set", "eval.qa_per_task=8"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          timeout=800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((workdir / "eval" / "report.json").read_text())["spatial_qa"]
+    assert set(report["per_task"]) == FAMILIES
+    assert all(t["count"] == 8 and "baseline" in t for t in report["per_task"].values())
+    answers = [json.loads(line) for line in (workdir / "eval" / "spatial_qa_answers_step300.jsonl").read_text()
+               .splitlines()]
+    assert len(answers) == 48
+    for a in answers:
+        assert a["prediction"], a
+        if a["answer_type"] == "numeric":
+            assert vqa.extract_number(a["prediction"]) is not None, a
+        else:
+            assert vqa.extract_choice(a["prediction"], 4) is not None, a
