@@ -31,7 +31,6 @@ from g2vlm_jax.batch import (GEO_PATCH, TOKEN_DINO, TOKEN_FIELDS, TOKEN_TEXT, TO
 from g2vlm_jax.tokenizer import Tokenizer
 
 RECON_PROMPT = "Reconstruct the 3D scene."
-RECON_PREFIX = "<|im_start|>" + RECON_PROMPT  # the reconstruction layout's text (SPEC 4, as the official `recon`)
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
@@ -152,9 +151,15 @@ class SequenceBuilder:
 
 
 def recon_sample(tok: Tokenizer, views: int, height: int, width: int) -> SampleTokens:
-    """Stage-1 layout: `<|im_start|>Reconstruct the 3D scene.` (causal), then the geometry frames."""
+    """Stage-1 layout: the reconstruction prompt (causal), then the geometry frames.
+
+    Deliberately without the official `<|im_start|>` for now (SPEC 4 has it; issue #17): the row
+    shapes reserve 8 prompt tokens per sample (`pipeline.BatchMaker.row_shape`) and the built-in
+    tokenizer already spends 12 here, so one more token costs a sample slot per pack in the tight
+    buckets (stage 1b: 18 of 19 slots); the fix reworks the reserve and regenerates the AOT reports.
+    """
     b = SequenceBuilder(tok)
-    b.text(RECON_PREFIX)
+    b.text(RECON_PROMPT)
     b.geometry_frames(views, height, width)
     return b.build()
 
