@@ -73,12 +73,27 @@ def eval_questions(cfg: config_lib.ExperimentConfig, per_task: int) -> list[tupl
 
 def baseline_answers(cfg: config_lib.ExperimentConfig) -> dict[str, str]:
     """task -> the trivial answer learnt from the training split of the eval sources: the mean answer of
-    a numeric family (2 decimals), the most frequent correct letter of a choice family."""
+    a numeric family (2 decimals), the most frequent correct letter of a choice family.
+
+    Read from the first BASELINE_SCENES scenes of each source (a large split would otherwise be read
+    whole at every evaluation); computed once per run directory and source list.
+    """
+    key = (str(cfg.run_dir), tuple(_qa_sources(cfg)), cfg.data)
+    if key not in _BASELINES:
+        _BASELINES[key] = _baseline_answers(cfg)
+    return _BASELINES[key]
+
+
+BASELINE_SCENES = 2000
+_BASELINES: dict = {}
+
+
+def _baseline_answers(cfg: config_lib.ExperimentConfig) -> dict[str, str]:
     answers: dict[str, list] = collections.defaultdict(list)
     kinds: dict[str, str] = {}
     for source in _qa_sources(cfg):
         scenes = pipeline.open_source(source, cfg.data, "train", cfg.run_dir)
-        for i in range(len(scenes)):
+        for i in range(min(len(scenes), BASELINE_SCENES)):
             for qa in scenes[i].qa:
                 answers[qa.task].append(qa.answer)
                 kinds[qa.task] = qa.answer_type
