@@ -93,7 +93,11 @@ def cmd_train(args) -> int:
         if jax.process_count() == 1:
             raise
         peer_watch.stop_after_peer_failure(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
-    print(f"finished at step {result.final_step}; run directory {result.workdir}")
+    if result.preempted:
+        print(f"stopped by SIGTERM at step {result.final_step} of {cfg.optim.total_steps}; the checkpoint is saved: "
+              f"run the same command to resume (run directory {result.workdir})")
+    else:
+        print(f"finished at step {result.final_step}; run directory {result.workdir}")
     if result.eval_report is not None:
         print(f"evaluation report: {result.workdir / 'eval' / 'report.json'}")
     return 0
@@ -132,6 +136,9 @@ def cmd_reconstruct(args) -> int:
     from g2vlm_jax.inference import load, reconstruct
     from g2vlm_jax.tokenizer import load_tokenizer
 
+    if args.width is not None and args.width < 14:
+        raise ValueError(f"--width {args.width}: the frame width must be at least 14 pixels (one patch); omit it "
+                         "for the experiment's width")
     cfg, model = load.load_model(args.checkpoint, args.overrides)
     width = args.width or cfg.data.image_size[1]
     cameras = reconstruct.reconstruct(model, load_tokenizer(cfg.data.tokenizer), args.images, args.out, width=width,
@@ -145,6 +152,10 @@ def cmd_chat(args) -> int:
     from g2vlm_jax.inference import chat, load
     from g2vlm_jax.tokenizer import load_tokenizer
 
+    if not args.question.strip():
+        raise ValueError("--question is empty; ask something, e.g. --question \"Which object is closer?\"")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
     cfg, model = load.load_model(args.checkpoint, args.overrides)
     answer = chat.answer(model, load_tokenizer(cfg.data.tokenizer), cfg, question=args.question,
                          images=args.images, frames=args.frames, max_new_tokens=args.max_new_tokens,
@@ -203,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_args(p)
     p.add_argument("--images", required=True, help="folder of images (natural file-name order)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--width", type=int, default=0, help="resize width in pixels (default: the experiment's)")
+    p.add_argument("--width", type=int, default=None, help="resize width in pixels (default: the experiment's)")
     p.set_defaults(func=cmd_reconstruct)
     p = sub.add_parser("chat", help="answer a question about images (KV-cache decoding)")
     _inference_args(p)

@@ -67,3 +67,21 @@ def test_console_script_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "g2vlm_jax.cli", "convert-data", "-h"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "npz" in out.stdout and "scannet" in out.stdout
+
+
+def test_bad_inference_arguments_are_one_line(tiny_trained_run, capsys):
+    """Accepted silently before: reconstruct --width 0 / -56, chat --temperature -1, chat --question "";
+    eval --step of a step that does not exist now lists the steps there are."""
+    ckpt = str(tiny_trained_run)
+    cases = [
+        (["reconstruct", "--checkpoint", ckpt, "--images", ckpt, "--out", ckpt + "/r", "--width", "0"], "at least 14"),
+        (["reconstruct", "--checkpoint", ckpt, "--images", ckpt, "--out", ckpt + "/r", "--width", "-56"], "at least 14"),
+        (["chat", "--checkpoint", ckpt, "--question", "Which is closer?", "--temperature", "-1"], "must be >= 0"),
+        (["chat", "--checkpoint", ckpt, "--question", "  "], "--question is empty"),
+        (["eval", "--experiment", "experiments/tiny_synthetic.py:test", "--set", f"workdir={ckpt}",
+          "--checkpoint", ckpt, "--step", "150"], "has no checkpoint of step 150; its steps are [3]"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (argv, err)

@@ -90,7 +90,7 @@ def _assert_newest_checkpoint_is_complete(workdir, cfg) -> int:
     return newest
 
 
-def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, reference):
+def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, reference, capsys):
     proc = _start(tmp_path, every=100)  # no scheduled save before the end: only SIGTERM saves
     assert _wait_for_steps(proc, tmp_path, 2)
     proc.send_signal(signal.SIGTERM)
@@ -99,9 +99,11 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, reference):
     manager = ckpt_lib.make_manager(tmp_path / "checkpoints", C.CheckpointConfig(), read_only=True)
     saved = manager.latest_step()
     assert saved is not None and 3 <= saved < TOTAL, log[-2000:]
-    assert f"finished at step {saved}" in log
+    assert f"stopped by SIGTERM at step {saved} of {TOTAL}; the checkpoint is saved: run the same command to resume" \
+        in log.splitlines()[-1]
     resumed = loop.train(_cfg(tmp_path, every=2), run_final_eval=False)
-    assert resumed.final_step == TOTAL
+    assert resumed.start_step == saved and resumed.final_step == TOTAL
+    assert f"resumed from step {saved} of {TOTAL}" in capsys.readouterr().out
     for a, b in zip(reference, _final_params(resumed.state)):
         np.testing.assert_array_equal(a, b)
 

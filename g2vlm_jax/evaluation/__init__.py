@@ -95,6 +95,9 @@ def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib
             raise FileNotFoundError(f"{checkpoints} holds no readable checkpoint")
         step, state, _ = restored
     else:
+        if step not in manager.all_steps():
+            raise FileNotFoundError(f"{checkpoints} has no checkpoint of step {step}; its steps are "
+                                    f"{sorted(manager.all_steps())} (omit --step for the newest readable one)")
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
         state, _ = ckpt_lib.restore(manager, step, abstract, shardings, cfg)
     return run_evaluators(spec, cfg, state, run_dir, step=step, write_pictures=True)

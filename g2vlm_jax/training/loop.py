@@ -42,6 +42,7 @@ class NonFiniteTrainingError(RuntimeError):
 @dataclasses.dataclass
 class TrainResult:
     workdir: pathlib.Path
+    start_step: int  # 0, or the step the run resumed from
     final_step: int
     last_metrics: dict
     eval_report: dict | None
@@ -112,7 +113,8 @@ def train(cfg: config_lib.ExperimentConfig, *, evaluate: EvaluateHook | None = N
     if restored is not None:
         start_step, state, data_state = restored
         train_iter.set_state(data_state)
-        logging.info("resumed from step %d", start_step)
+        if jax.process_index() == 0:  # on the console: a restart says where it picks up
+            print(f"resumed from step {start_step} of {cfg.optim.total_steps} ({cfg.checkpoint_dir})", flush=True)
     else:
         start_step = 0
         if cfg.checkpoint.init_from:
@@ -169,7 +171,7 @@ def train(cfg: config_lib.ExperimentConfig, *, evaluate: EvaluateHook | None = N
         report = _evaluate(evaluate, spec, state, logger, step, final=True)
     logger.close()
     manager.close()
-    return TrainResult(workdir=workdir, final_step=step, last_metrics=last_metrics, eval_report=report,
+    return TrainResult(workdir=workdir, start_step=start_step, final_step=step, last_metrics=last_metrics, eval_report=report,
                        preempted=preempted, spec=spec, state=state)
 
 
