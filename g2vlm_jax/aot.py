@@ -98,12 +98,24 @@ def libtpu_available() -> bool:
 
 
 def load_config(experiment: str, topology: str, overrides=()):
-    """The experiment for `topology` (ARG = topology unless given) with 'auto' attention resolved to TPU's kernel."""
+    """The experiment for `topology` with 'auto' attention resolved to TPU's kernel.
+
+    Without an ARG in `experiment`, ARG = the topology when the experiment takes one (the 2B
+    experiments: their mesh follows the slice); an experiment whose get_config refuses it (e.g.
+    tiny_synthetic) is loaded with its default ARG and its own mesh.
+    """
     from g2vlm_jax import config as config_lib
     from g2vlm_jax.model.attention import TPU_KERNEL
 
-    spec = experiment if ":" in experiment else f"{experiment}:{topology}"
-    cfg = config_lib.load_experiment(spec, list(overrides))
+    if ":" in experiment:
+        cfg = config_lib.load_experiment(experiment, list(overrides))
+    else:
+        try:
+            cfg = config_lib.load_experiment(f"{experiment}:{topology}", list(overrides))
+        except config_lib.ConfigError as e:
+            if "unknown arg" not in str(e):
+                raise
+            cfg = config_lib.load_experiment(experiment, list(overrides))
     if cfg.model.attention_kernel == "auto":  # what select_kernel picks on a TPU (this host is a CPU)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_kernel=TPU_KERNEL))
     return cfg

@@ -112,7 +112,7 @@ def cmd_eval(args) -> int:
     cfg = _load(args)
     report = evaluation.evaluate_checkpoint(cfg, args.checkpoint, step=args.step)
     print(json.dumps(logger_lib.flatten_scalars(report), indent=1, sort_keys=True))
-    print(f"report: {args.checkpoint}/eval/report.json")
+    print(f"report: {evaluation.eval_dir(cfg, args.checkpoint) / 'report.json'}")
     return 0
 
 

@@ -67,6 +67,15 @@ def test_topology_names_and_mesh_table():
         common.mesh_for("v5p-128")
 
 
+def test_experiment_without_a_slice_arg_keeps_its_own_mesh():
+    """`g2vlm aot --experiment experiments/tiny_synthetic.py --topology v5e:2x2` failed with "unknown arg"."""
+    cfg = aot.load_config("experiments/tiny_synthetic.py", "v5e:2x2")
+    assert cfg.name == "tiny_synthetic" and cfg.model.attention_kernel == "tpu_flash"
+    assert aot.load_config("experiments/g2vlm_2b_stage1a.py", "v5p:4x4x8").mesh == common.mesh_for("v5p:4x4x8")
+    with pytest.raises(config_lib.ConfigError, match="unknown arg 'bogus'"):
+        aot.load_config("experiments/tiny_synthetic.py:bogus", "v5e:2x2")
+
+
 def test_train_buckets_are_what_the_pipeline_draws():
     from data_pipelines import pipeline
 

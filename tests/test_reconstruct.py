@@ -134,9 +134,11 @@ def test_eval_command_on_a_params_only_checkpoint(tiny_trained_run, tmp_path):
     ckpt_lib.save_params(tmp_path / "weights", ckpt_lib.flat_params(nnx.state(model, nnx.Param)),
                          ckpt_lib.run_metadata(cfg))
     experiment = str(pathlib.Path(__file__).resolve().parents[1] / "experiments/tiny_synthetic.py:test")
-    assert cli.main(["eval", "--experiment", experiment, "--set", f"workdir={tiny_trained_run}",
+    assert cli.main(["eval", "--experiment", experiment, "--set", f"workdir={tmp_path / 'work'}",
                      "--checkpoint", str(tmp_path / "weights")]) == 0
-    from_params = json.loads((tmp_path / "weights" / "eval" / "report.json").read_text())["reconstruction"]
+    # The export stays as written; the report goes to the experiment's run directory.
+    assert not (tmp_path / "weights" / "eval").exists()
+    from_params = json.loads((tmp_path / "work" / "eval" / "report.json").read_text())["reconstruction"]
     from_run = evaluation.evaluate_checkpoint(dataclasses.replace(cfg, workdir=str(tiny_trained_run)),
                                               tiny_trained_run)["reconstruction"]
     assert from_params["num_samples"] == from_run["num_samples"] > 0

@@ -73,21 +73,31 @@ def run_evaluators(spec, cfg: config_lib.ExperimentConfig, state, workdir: pathl
     return report
 
 
+def _open(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib.Path) -> ckpt_lib.CheckpointFolder:
+    # The run's checkpoints: `checkpoint.directory` when the experiment moved them (e.g. to gs://).
+    return ckpt_lib.open_checkpoint(run_dir, expect=(ckpt_lib.RUN, ckpt_lib.PARAMS), checkpoints=cfg.checkpoint.directory)
+
+
+def eval_dir(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib.Path) -> pathlib.Path:
+    """Where `evaluate_checkpoint` writes: `<run_dir>/eval` of a training run; for params-only weights
+    (an export or a conversion, left as written) the experiment's run directory, `<workdir>/eval`."""
+    folder = _open(cfg, run_dir)
+    return (folder.path if folder.kind == ckpt_lib.RUN else cfg.run_dir) / "eval"
+
+
 def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib.Path, *, step: int | None = None) -> dict:
     """Restores a run's checkpoint (newest readable one, or `step`) and runs every evaluator of `cfg`.
 
-    The report and pictures go to `<run_dir>/eval/`.
+    The report and pictures go to `eval_dir(cfg, run_dir)`.
     """
-    # The run's checkpoints: `checkpoint.directory` when the experiment moved them (e.g. to gs://).
-    folder = ckpt_lib.open_checkpoint(run_dir, expect=(ckpt_lib.RUN, ckpt_lib.PARAMS),
-                                      checkpoints=cfg.checkpoint.directory)
+    folder = _open(cfg, run_dir)
     run_dir, checkpoints = folder.path, folder.checkpoints
     mesh = sharding_lib.make_mesh(cfg.mesh)
     spec, state, shardings = state_lib.create_train_state(cfg, mesh)
     if folder.kind == ckpt_lib.PARAMS:  # exported or converted weights: the experiment gives everything else
         cfg_from = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=str(run_dir)))
         state = ckpt_lib.initialise_from(state, cfg_from)
-        return run_evaluators(spec, cfg, state, run_dir, step=step or 0, write_pictures=True)
+        return run_evaluators(spec, cfg, state, cfg.run_dir, step=step or 0, write_pictures=True)
     manager = ckpt_lib.make_manager(checkpoints, cfg.checkpoint, read_only=True)
     if step is None:
         restored = ckpt_lib.restore_latest(manager, state, shardings, cfg)
