@@ -61,6 +61,7 @@ def test_missing_experiment_and_data_are_one_line(tmp_path, capsys):
     assert cli.main(["train", "--experiment", str(experiment), "--set", f"workdir={tmp_path / 'run'}"]) == 2
     err = _last_line(capsys.readouterr().err)
     assert err.startswith("g2vlm train: cannot open 'npz_scenes'") and "g2vlm convert-data" in err
+    assert len(err) < 600, err  # not tfds's catalogue of public datasets
 
 
 def test_console_script_entry_point_runs():

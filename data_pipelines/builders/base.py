@@ -160,7 +160,9 @@ def _data_source(name: str, split: str, data_dir, builder_kwargs: dict | None, v
     try:
         source = tfds.data_source(name, split=split, data_dir=str(data_dir), builder_kwargs=builder_kwargs)
     except ValueError as e:
-        raise ValueError(f"cannot open {name!r} split {split!r} under {data_dir}: {e}\nConverted datasets "
+        # The reason's first line only: tfds appends its catalogue of public datasets (4,000+ characters).
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(f"cannot open {name!r} split {split!r} under {data_dir}: {reason} Converted datasets "
                          "(npz_scenes, scannet_scenes, spar_qa, vqa_samples) must be written first with "
                          "data_pipelines.convert (g2vlm convert-data).") from e
     holds_vqa = "roles" in source.dataset_info.features.keys()
