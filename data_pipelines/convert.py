@@ -41,25 +41,39 @@ class ConvertResult:
 
 def _prepare(builder: tfds.core.DatasetBuilder, manual_dir, overwrite: bool) -> tuple[str, dict]:
     """Prepares the dataset, refusing to reuse an existing one silently; -> ('<builder>/<config>', splits)."""
+    source = pathlib.Path(manual_dir)
+    if not source.exists() or (source.is_dir() and not any(source.iterdir())):
+        raise FileNotFoundError(f"source {source} does not exist or is empty; pass the folder (or file) to convert")
     target = pathlib.Path(builder.data_dir)
     if target.exists():
         if not overwrite:
             raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) or another name")
         shutil.rmtree(target)
-    splits = base.prepare(builder, manual_dir)
+    try:
+        splits = base.prepare(builder, manual_dir)
+    except BaseException:
+        # Nothing half written: a failed conversion (a bad record in strict mode, Ctrl-C) leaves no
+        # dataset folder that a later run would mistake for a finished one or refuse to overwrite.
+        shutil.rmtree(target, ignore_errors=True)
+        raise
     return f"{builder.name}/{builder.builder_config.name}", splits
 
 
 def _build(builder: tfds.core.DatasetBuilder, manual_dir, out_dir, overwrite: bool) -> tuple[str, dict, dict]:
     """Prepares a scene dataset and checks the geometry of the first record of every split."""
     name, splits = _prepare(builder, manual_dir, overwrite)
-    checks = {}
+    checks, first_ids = {}, {}
+    try:
+        for split in splits:
+            scene = base.open_scenes(name, split=split, data_dir=out_dir, strict=False)[0]
+            checks[split], first_ids[split] = consistency.median_reprojection_error(scene), scene.scene_id
+    except BaseException:
+        shutil.rmtree(builder.data_dir, ignore_errors=True)  # nothing half written (see _prepare)
+        raise
     for split in splits:
-        scene = base.open_scenes(name, split=split, data_dir=out_dir, strict=False)[0]
-        checks[split] = consistency.median_reprojection_error(scene)
         if checks[split] > WARN_REPROJECTION:
             log.warning("%s %s: first record %s has median reprojection error %.1f%%; check pose convention "
-                        "(camera-to-world, OpenCV axes), depth units and intrinsics", name, split, scene.scene_id,
+                        "(camera-to-world, OpenCV axes), depth units and intrinsics", name, split, first_ids[split],
                         100 * checks[split])
     return name, splits, checks
 

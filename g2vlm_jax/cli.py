@@ -76,7 +76,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data_pipelines.records import BadRecordError
     from g2vlm_jax.checkpoint import CheckpointMismatchError
 
-    return (config_lib.ConfigError, CheckpointMismatchError, BadRecordError, FileNotFoundError, ValueError)
+    return (config_lib.ConfigError, CheckpointMismatchError, BadRecordError, FileNotFoundError, FileExistsError,
+            ValueError)
 
 
 
@@ -268,7 +269,7 @@ def _enable_compilation_cache() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["convert-data"]:  # the converters own their argument parser (and its -h)
-        args = argparse.Namespace(rest=argv[1:], func=cmd_convert_data)
+        args = argparse.Namespace(command="convert-data", rest=argv[1:], func=cmd_convert_data)
     else:
         args = build_parser().parse_args(argv)
     _enable_compilation_cache()

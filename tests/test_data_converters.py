@@ -87,6 +87,14 @@ def test_npz_split_folders_and_layout_errors(tmp_path):
     _write_npz_scene(tmp_path / "broken" / "room", scenes["train"], drop_image=2)
     with pytest.raises(ValueError, match="rgb/2.png"):
         convert.convert_npz_scene(tmp_path / "broken", tmp_path / "out", name="broken")
+    # Nothing half written: once the source is fixed the same name converts (no 'already exists').
+    assert not (tmp_path / "out" / "npz_scenes" / "broken" / "1.0.0").exists()
+    _write_npz_scene(tmp_path / "fixed" / "room", scenes["train"])
+    assert convert.convert_npz_scene(tmp_path / "fixed", tmp_path / "out", name="broken").splits == {"train": 1}
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+        convert.convert_npz_scene(tmp_path / "fixed", tmp_path / "out", name="broken")
+    with pytest.raises(FileNotFoundError, match="does not exist or is empty"):
+        convert.convert_npz_scene(tmp_path / "nowhere", tmp_path / "out", name="nowhere")
     (tmp_path / "empty" / "notes").mkdir(parents=True)  # a folder, but not a scene
     with pytest.raises(ValueError, match="no scene folders"):
         convert.convert_npz_scene(tmp_path / "empty", tmp_path / "out", name="empty")
