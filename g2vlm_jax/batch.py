@@ -116,6 +116,31 @@ class PackedBatch:
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PackedBatch))
+
+
+@struct.dataclass
+class GeometryTruth:
+    """Ground truth of N samples, as the visual-geometry loss and the evaluators read it: the batch's
+    `gt_*`, `sample_valid` and `normal_loss_enabled` fields with the sample axes [B, S] flattened to N.
+
+    world_points         float32[N, V, H, W, 3]  all views in the world frame
+    valid                bool[N, V, H, W]
+    poses                float32[N, V, 4, 4]     camera-to-world
+    normal_loss_enabled  bool[N]
+    sample_valid         bool[N]                 the slot holds a real sample
+    """
+
+    world_points: jax.Array
+    valid: jax.Array
+    poses: jax.Array
+    normal_loss_enabled: jax.Array
+    sample_valid: jax.Array
+
+    @classmethod
+    def from_batch(cls, batch: PackedBatch) -> "GeometryTruth":
+        flat = lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+        return cls(world_points=flat(batch.gt_world_points), valid=flat(batch.gt_valid), poses=flat(batch.gt_poses),
+                   normal_loss_enabled=flat(batch.normal_loss_enabled), sample_valid=flat(batch.sample_valid))
 # Per-sample images, semantic images and ground truth; the other fields are per-token (data_pipelines/sequence.pack_row).
 IMAGE_FIELDS = ("geo_images", "sample_valid", "sem_images", "sem_image_valid", "gt_world_points", "gt_valid",
                 "gt_poses", "gt_intrinsics", "normal_loss_enabled")

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from g2vlm_jax import geometry
+from g2vlm_jax.batch import GeometryTruth
 from g2vlm_jax.config import LossConfig
 
 RESAMPLE_POINTS = 4096
@@ -238,25 +239,23 @@ def sample_loss(pred: dict, world, valid, gt_poses, normal_enabled, cfg: LossCon
     return loss, details
 
 
-def visual_geometry_loss(pred: dict, gt: dict, cfg: LossConfig) -> tuple[jax.Array, dict]:
+def visual_geometry_loss(pred: dict, gt: GeometryTruth, cfg: LossConfig) -> tuple[jax.Array, dict]:
     """Mean visual-geometry loss over the valid samples of a batch (SPEC 2.1).
 
-    pred: local_points [B,V,H,W,3], camera_poses [B,V,4,4] (c2w), optional global_points [B,V,H,W,3].
-    gt:   world_points [B,V,H,W,3], valid_mask [B,V,H,W], camera_poses [B,V,4,4] (c2w),
-          normal_loss_enabled [B], optional sample_valid [B].
+    pred: local_points [N,V,H,W,3], camera_poses [N,V,4,4] (c2w), optional global_points [N,V,H,W,3].
+    gt:   `batch.GeometryTruth` of the same N samples.
     Returns (loss, details) with per-term means over valid samples.
     """
-    valid = gt["valid_mask"].astype(bool)
+    valid = gt.valid.astype(bool)
     b = valid.shape[0]
-    sample_ok = jnp.any(valid & jnp.all(jnp.isfinite(gt["world_points"]), -1), axis=(1, 2, 3))
-    if "sample_valid" in gt:
-        sample_ok = sample_ok & gt["sample_valid"].astype(bool)
-    sample_ok = sample_ok & jnp.all(jnp.isfinite(gt["camera_poses"]), axis=(1, 2, 3))
-    poses = jnp.where(sample_ok[:, None, None, None], gt["camera_poses"], jnp.eye(4))
+    sample_ok = jnp.any(valid & jnp.all(jnp.isfinite(gt.world_points), -1), axis=(1, 2, 3))
+    sample_ok = sample_ok & gt.sample_valid.astype(bool)
+    sample_ok = sample_ok & jnp.all(jnp.isfinite(gt.poses), axis=(1, 2, 3))
+    poses = jnp.where(sample_ok[:, None, None, None], gt.poses, jnp.eye(4))
     keys = [k for k in ("local_points", "camera_poses", "global_points") if k in pred]
     fn = lambda p, w, m, c, e: sample_loss(dict(zip(keys, p)), w, m, c, e, cfg)
-    losses, details = jax.vmap(fn)(tuple(pred[k] for k in keys), gt["world_points"], valid, poses,
-                                   gt["normal_loss_enabled"].astype(bool).reshape(b))
+    losses, details = jax.vmap(fn)(tuple(pred[k] for k in keys), gt.world_points, valid, poses,
+                                   gt.normal_loss_enabled.astype(bool).reshape(b))
     weight = sample_ok.astype(jnp.float32)
     denom = jnp.maximum(jnp.sum(weight), 1.0)
     mean = lambda x: jnp.sum(jnp.where(sample_ok, x, 0.0)) / denom

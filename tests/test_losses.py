@@ -8,6 +8,7 @@ import pytest
 
 from g2vlm_jax import geometry as G
 from g2vlm_jax import losses as L
+from g2vlm_jax.batch import GeometryTruth
 from g2vlm_jax.config import LossConfig
 
 _LOSS = jax.jit(lambda p, g: L.visual_geometry_loss(p, g, LossConfig()))  # one compilation per shape
@@ -37,8 +38,9 @@ def _scene(seed=0, b=2, v=3, h=8, w=10):
 
 def _gt(s, normal=True):
     b = s["valid"].shape[0]
-    return {"world_points": jnp.asarray(s["world"], jnp.float32), "valid_mask": jnp.asarray(s["valid"]),
-            "camera_poses": jnp.asarray(s["poses"], jnp.float32), "normal_loss_enabled": jnp.full((b,), normal)}
+    return GeometryTruth(world_points=jnp.asarray(s["world"], jnp.float32), valid=jnp.asarray(s["valid"]),
+                         poses=jnp.asarray(s["poses"], jnp.float32), normal_loss_enabled=jnp.full((b,), normal),
+                         sample_valid=jnp.ones((b,), bool))
 
 
 def _pred_from_gt(s, scale, rigid):
@@ -104,20 +106,17 @@ def test_neutral_values_for_empty_nan_and_padded_samples():
     pred = _pred_from_gt(s, 1.0, np.eye(4))
     pred["local_points"] = pred["local_points"] * 1.1 + 0.05  # a non-zero loss for the good sample
     gt = _gt(s)
-    world = np.asarray(gt["world_points"]).copy()
+    world = np.asarray(gt.world_points).copy()
     world[1] = np.nan  # sample 1 has only non-finite GT -> contributes nothing
-    gt["world_points"] = jnp.asarray(world)
+    gt = gt.replace(world_points=jnp.asarray(world))
     loss_fn = _LOSS
     loss, _ = loss_fn(pred, gt)
     only0 = {k: v[:1] for k, v in pred.items()}
-    loss0, _ = loss_fn(only0, {k: v[:1] for k, v in gt.items()})
+    loss0, _ = loss_fn(only0, jax.tree.map(lambda v: v[:1], gt))
     np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-5)
-    gt["sample_valid"] = jnp.array([False, False])
-    loss_none, _ = loss_fn(pred, gt)
+    loss_none, _ = loss_fn(pred, gt.replace(sample_valid=jnp.array([False, False])))
     assert float(loss_none) == 0.0
-    gt["sample_valid"] = jnp.array([True, True])
-    gt["valid_mask"] = jnp.zeros_like(gt["valid_mask"])
-    loss_empty, details = loss_fn(pred, gt)
+    loss_empty, details = loss_fn(pred, gt.replace(valid=jnp.zeros_like(gt.valid)))
     assert float(loss_empty) == 0.0 and all(np.isfinite(float(v)) for v in details.values())
 
 
@@ -171,7 +170,7 @@ def test_local_l1_gradient_does_not_depend_on_rounding_at_the_median_coordinate(
                                        jnp.float32)
     # Locate the median coordinate as sample_loss does.
     valid = jnp.asarray(s["valid"][0])
-    _, gt_local, _ = L._normalise_gt(jnp.where(valid[..., None], gt["world_points"][0], 0.0), valid, gt["camera_poses"][0])
+    _, gt_local, _ = L._normalise_gt(jnp.where(valid[..., None], gt.world_points[0], 0.0), valid, gt.poses[0])
     local = pred["local_points"][0]
     local = local / (jnp.sum(jnp.where(valid, L._safe_norm(local), 0.0)) / jnp.sum(valid))
     z = gt_local[..., 2]

@@ -19,7 +19,7 @@ from g2vlm_jax import config as config_lib
 from g2vlm_jax import losses
 from g2vlm_jax import meeting
 from g2vlm_jax import sharding as sharding_lib
-from g2vlm_jax.batch import PackedBatch
+from g2vlm_jax.batch import GeometryTruth, PackedBatch
 from g2vlm_jax.core.state import StateSpec, TrainState
 
 
@@ -53,11 +53,7 @@ def batch_loss_terms(model: nnx.Module, batch: PackedBatch, cfg: config_lib.Expe
                 "camera_poses": _flatten_samples(geo["camera_poses"])}
         if "global_points" in geo:
             pred["global_points"] = _flatten_samples(geo["global_points"])
-        gt = {"world_points": _flatten_samples(batch.gt_world_points), "valid_mask": _flatten_samples(batch.gt_valid),
-              "camera_poses": _flatten_samples(batch.gt_poses),
-              "normal_loss_enabled": batch.normal_loss_enabled.reshape(-1),
-              "sample_valid": batch.sample_valid.reshape(-1)}
-        vg_mean, details = losses.visual_geometry_loss(pred, gt, cfg.loss)
+        vg_mean, details = losses.visual_geometry_loss(pred, GeometryTruth.from_batch(batch), cfg.loss)
         vg_sum = vg_mean * jnp.sum(batch.sample_valid).astype(jnp.float32)
     return ce_sum, vg_sum, details, out
 
