@@ -39,11 +39,8 @@ def save_params(directory: str | pathlib.Path, params: dict[str, Any], metadata:
 
 def load_params(directory: str | pathlib.Path, target: dict[str, jax.ShapeDtypeStruct] | None = None) -> tuple[dict, dict]:
     """Reads a params-only checkpoint: (flat params, metadata). `target` places arrays with shardings."""
-    directory = open_checkpoint(directory, expect=(PARAMS,)).path
-    try:
-        metadata = json.loads((directory / "metadata.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{directory}/metadata.json is not valid JSON ({e}); re-export the checkpoint") from e
+    folder = open_checkpoint(directory, expect=(PARAMS,))
+    directory, metadata = folder.path, folder.metadata()
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(directory / "params", target) if target else checkpointer.restore(directory / "params")
     return params, metadata

@@ -78,11 +78,15 @@ def _open(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib.Path) -> ckpt
     return ckpt_lib.open_checkpoint(run_dir, expect=(ckpt_lib.RUN, ckpt_lib.PARAMS), checkpoints=cfg.checkpoint.directory)
 
 
+def _report_root(cfg: config_lib.ExperimentConfig, folder: ckpt_lib.CheckpointFolder) -> pathlib.Path:
+    """A training run's own directory; for params-only weights (an export or a conversion, left as
+    written) the experiment's run directory."""
+    return folder.path if folder.kind == ckpt_lib.RUN else cfg.run_dir
+
+
 def eval_dir(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib.Path) -> pathlib.Path:
-    """Where `evaluate_checkpoint` writes: `<run_dir>/eval` of a training run; for params-only weights
-    (an export or a conversion, left as written) the experiment's run directory, `<workdir>/eval`."""
-    folder = _open(cfg, run_dir)
-    return (folder.path if folder.kind == ckpt_lib.RUN else cfg.run_dir) / "eval"
+    """Where `evaluate_checkpoint` writes its report and pictures."""
+    return _report_root(cfg, _open(cfg, run_dir)) / "eval"
 
 
 def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib.Path, *, step: int | None = None) -> dict:
@@ -91,13 +95,14 @@ def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib
     The report and pictures go to `eval_dir(cfg, run_dir)`.
     """
     folder = _open(cfg, run_dir)
-    run_dir, checkpoints = folder.path, folder.checkpoints
+    out_root = _report_root(cfg, folder)
     mesh = sharding_lib.make_mesh(cfg.mesh)
     spec, state, shardings = state_lib.create_train_state(cfg, mesh)
     if folder.kind == ckpt_lib.PARAMS:  # exported or converted weights: the experiment gives everything else
-        cfg_from = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=str(run_dir)))
+        cfg_from = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=str(folder.path)))
         state = ckpt_lib.initialise_from(state, cfg_from)
-        return run_evaluators(spec, cfg, state, cfg.run_dir, step=step or 0, write_pictures=True)
+        return run_evaluators(spec, cfg, state, out_root, step=step or 0, write_pictures=True)
+    checkpoints = folder.checkpoints
     manager = ckpt_lib.make_manager(checkpoints, cfg.checkpoint, read_only=True)
     if step is None:
         restored = ckpt_lib.restore_latest(manager, state, shardings, cfg)
@@ -110,7 +115,7 @@ def evaluate_checkpoint(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib
                                     f"{sorted(manager.all_steps())} (omit --step for the newest readable one)")
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
         state, _ = ckpt_lib.restore(manager, step, abstract, shardings, cfg)
-    return run_evaluators(spec, cfg, state, run_dir, step=step, write_pictures=True)
+    return run_evaluators(spec, cfg, state, out_root, step=step, write_pictures=True)
 
 
 def training_hook(cfg: config_lib.ExperimentConfig) -> Callable:

@@ -21,6 +21,8 @@ Report:
 from __future__ import annotations
 
 import collections
+import functools
+import pathlib
 
 import numpy as np
 
@@ -34,11 +36,11 @@ QA_KINDS = ("recon_qa", "vqa")
 NUM_EXAMPLES = 8  # question/answer/prediction triples kept in the report
 
 
-def _qa_sources(cfg: config_lib.ExperimentConfig):
-    sources = [s for s in cfg.data.eval_sources if s.kind in QA_KINDS]
+def _qa_sources(data: config_lib.DataConfig):
+    sources = [s for s in data.eval_sources if s.kind in QA_KINDS]
     if not sources:
         raise ValueError(f"evaluator 'spatial_qa' needs an eval source of kind {list(QA_KINDS)}; "
-                         f"data.eval_sources has kinds {[s.kind for s in cfg.data.eval_sources]}")
+                         f"data.eval_sources has kinds {[s.kind for s in data.eval_sources]}")
     return sources
 
 
@@ -48,7 +50,7 @@ def eval_questions(cfg: config_lib.ExperimentConfig, per_task: int) -> list[tupl
     d = cfg.data
     bucket = pipeline.eval_bucket(d)
     by_task: dict[str, list] = collections.defaultdict(list)
-    for k, source in enumerate(_qa_sources(cfg)):
+    for k, source in enumerate(_qa_sources(d)):
         scenes = pipeline.open_source(source, d, d.eval_split, cfg.run_dir)
         for i in range(len(scenes)):
             scene = scenes[i]
@@ -56,7 +58,7 @@ def eval_questions(cfg: config_lib.ExperimentConfig, per_task: int) -> list[tupl
                 if len(by_task[qa.task]) < per_task:
                     by_task[qa.task].append((k, source, i, j, scene, qa))
     if not by_task:
-        raise ValueError(f"the eval sources {[s.name for s in _qa_sources(cfg)]} ({d.eval_split}) hold no questions; "
+        raise ValueError(f"the eval sources {[s.name for s in _qa_sources(d)]} ({d.eval_split}) hold no questions; "
                          "the spatial_qa evaluator needs QA scenes in every eval source of kind recon_qa/vqa")
     out = []
     for rank in range(per_task):  # interleave: the first question of every family, then the second, ...
@@ -76,23 +78,20 @@ def baseline_answers(cfg: config_lib.ExperimentConfig) -> dict[str, str]:
     a numeric family (2 decimals), the most frequent correct letter of a choice family.
 
     Read from the first BASELINE_SCENES scenes of each source (a large split would otherwise be read
-    whole at every evaluation); computed once per run directory and source list.
+    whole at every evaluation), once per data config and run directory.
     """
-    key = (str(cfg.run_dir), tuple(_qa_sources(cfg)), cfg.data)
-    if key not in _BASELINES:
-        _BASELINES[key] = _baseline_answers(cfg)
-    return _BASELINES[key]
+    return _baseline_answers(cfg.data, cfg.run_dir)
 
 
 BASELINE_SCENES = 2000
-_BASELINES: dict = {}
 
 
-def _baseline_answers(cfg: config_lib.ExperimentConfig) -> dict[str, str]:
+@functools.lru_cache(maxsize=8)
+def _baseline_answers(data: config_lib.DataConfig, run_dir: pathlib.Path) -> dict[str, str]:
     answers: dict[str, list] = collections.defaultdict(list)
     kinds: dict[str, str] = {}
-    for source in _qa_sources(cfg):
-        scenes = pipeline.open_source(source, cfg.data, "train", cfg.run_dir)
+    for source in _qa_sources(data):
+        scenes = pipeline.open_source(source, data, "train", run_dir)
         for i in range(min(len(scenes), BASELINE_SCENES)):
             for qa in scenes[i].qa:
                 answers[qa.task].append(qa.answer)

@@ -13,7 +13,6 @@ checkpoint check).
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
 import jax
@@ -44,31 +43,26 @@ def load_model(checkpoint: str | pathlib.Path, overrides=()) -> tuple[config_lib
     """(experiment config, model with the checkpoint's parameters) from a run dir or a params-only dir."""
     folder = ckpt_lib.open_checkpoint(checkpoint, expect=(ckpt_lib.RUN, ckpt_lib.PARAMS))
     if folder.kind == ckpt_lib.PARAMS:
-        return _load_params_only(folder.path, overrides)
-    return _load_run(folder.path, overrides)
+        return _load_params_only(folder, overrides)
+    return _load_run(folder, overrides)
 
 
-def _load_run(run_dir: pathlib.Path, overrides) -> tuple[config_lib.ExperimentConfig, nnx.Module]:
-    probe = config_lib.ExperimentConfig()
-    manager = ckpt_lib.make_manager(run_dir / "checkpoints", probe.checkpoint, read_only=True)
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint")
-    cfg = _config_from_metadata(ckpt_lib.read_metadata(manager, steps[-1]), f"{run_dir}/checkpoints/{steps[-1]}",
-                                overrides)
-    cfg = dataclasses.replace(cfg, workdir=str(run_dir))
+def _load_run(folder: ckpt_lib.CheckpointFolder, overrides) -> tuple[config_lib.ExperimentConfig, nnx.Module]:
+    cfg = _config_from_metadata(folder.metadata(), f"the newest checkpoint of {folder.checkpoints}", overrides)
+    cfg = dataclasses.replace(cfg, workdir=str(folder.path))
+    manager = ckpt_lib.make_manager(folder.checkpoints, cfg.checkpoint, read_only=True)
     mesh = sharding_lib.make_mesh(cfg.mesh)
     spec, state, shardings = state_lib.create_train_state(cfg, mesh)
     restored = ckpt_lib.restore_latest(manager, state, shardings, cfg)
     if restored is None:
-        raise FileNotFoundError(f"{run_dir}/checkpoints holds no readable checkpoint")
+        raise FileNotFoundError(f"{folder.checkpoints} holds no readable checkpoint")
     return cfg, spec.model(restored[1])
 
 
-def _load_params_only(path: pathlib.Path, overrides) -> tuple[config_lib.ExperimentConfig, nnx.Module]:
+def _load_params_only(folder: ckpt_lib.CheckpointFolder, overrides) -> tuple[config_lib.ExperimentConfig, nnx.Module]:
     from g2vlm_jax.model.g2vlm import G2VLM
 
-    metadata = json.loads((path / "metadata.json").read_text())
+    path, metadata = folder.path, folder.metadata()
     cfg = _relative_tokenizer(_config_from_metadata(metadata, str(path), overrides), path)
     ckpt_lib.check_compatible(metadata, cfg, str(path))
     model = nnx.eval_shape(lambda: G2VLM(cfg.model, rngs=nnx.Rngs(0)))
