@@ -269,6 +269,7 @@ class LossConfig:
     normal_weight: float = 1.0  # weight of the normal loss
     global_points_weight: float = 1.0  # weight of the global point loss
     clip_above: float = 0.0  # zero a sample's VG loss above this value (paper stage 1); 0 = off
+    subtract_floors: bool = True  # a perfect prediction scores 0 (False: the official clamp floors stay in)
     confidence_weight: float = 0.05  # BCE weight of the optional confidence head
 
 

@@ -2,7 +2,8 @@
 
 The geometry loss is written for ONE sample (views of one scene) and vmapped over the batch, in
 fp32 with static shapes (the 4096-point resampling uses a cumulative-count search, not boolean
-indexing). Per sample, in order:
+indexing), then reduced over the batch as the official Pi3Loss does (`visual_geometry_loss`).
+Per sample, in order:
 
  1. GT into frame 0 and scaled by the mean distance of its valid points (`_normalise_gt`);
  2. predictions divided by the mean norm of their local points over GT-valid pixels;
@@ -11,8 +12,9 @@ indexing). Per sample, in order:
  5. local L1 loss, 6. gated normal loss, 7. global L1 loss, 8. pairwise relative-pose loss.
 
 Floors: the official clamps (normal angles to at least 1°, arccos arguments to 1 − 1e-6) give a
-perfect prediction a small constant loss. We subtract those constants, so a perfect prediction
-scores exactly 0; gradients are identical to the official loss (a constant has none).
+perfect prediction a small loss that depends only on the GT. By default (`loss.subtract_floors`) we
+subtract it, so a perfect prediction scores exactly 0; gradients are identical to the official loss
+(the floor has none). `subtract_floors=False` gives the official values.
 
 Neutral values: a sample without valid pixels, or with `sample_valid = False`, contributes nothing;
 a batch without any valid sample has loss 0. Non-finite GT points are invalid pixels. Nothing here
@@ -21,6 +23,7 @@ produces NaN, including its gradient (every sqrt/arccos/division is guarded).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -136,12 +139,14 @@ def _angle_between(a, b):
 
 
 def _depth_edge(z, rtol: float = 0.03):
-    """(3x3 max − 3x3 min) / z > rtol on [V,H,W] depth (windows clipped at the border)."""
+    """(3x3 max − 3x3 min) / z > rtol on [V,H,W] depth (windows clipped at the border), with the
+    official's nan_to_num of the ratio: z = 0 next to a step is an edge, a flat zero patch is not,
+    negative z never is."""
     pad = jnp.pad(z, ((0, 0), (1, 1), (1, 1)), mode="edge")
     h, w = z.shape[1:]
     windows = jnp.stack([pad[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)])
     diff = windows.max(0) - windows.min(0)
-    return diff > rtol * jnp.maximum(z, 1e-12)
+    return jnp.nan_to_num(diff / z) > rtol
 
 
 def _triangle_normals(p):
@@ -156,14 +161,18 @@ def _triangle_masks(m):
     return ru & ld & rd, lu & rd & ru, ld & ru & lu, rd & lu & ld
 
 
-def normal_loss(pred_local, gt_local, valid):
-    """Angle between predicted and GT triangle normals (SPEC 2.1 step 6) of one sample [V,H,W,3]."""
-    mask = valid & ~_depth_edge(jnp.where(valid, gt_local[..., 2], 0.0))
+def normal_loss(pred_local, gt_local, valid, subtract_floor: bool = True):
+    """Angle between predicted and GT triangle normals (SPEC 2.1 step 6) of one sample [V,H,W,3].
+
+    As the official loss: depth edges come from the raw GT depth (invalid pixels keep their depth),
+    and a triangle counts when its three pixels are valid and off an edge.
+    """
+    mask = valid & ~_depth_edge(gt_local[..., 2])
     total = 0.0
     for n_pred, n_gt, m in zip(_triangle_normals(pred_local), _triangle_normals(gt_local), _triangle_masks(mask)):
         err = jnp.clip(_angle_between(n_pred, n_gt), _MIN_ANGLE, _MAX_ANGLE)
         smooth = jnp.where(err < _BETA, 0.5 * err * err / _BETA, err - 0.5 * _BETA)
-        total = total + jnp.where(m, smooth - _NORMAL_FLOOR, 0.0)
+        total = total + jnp.where(m, smooth - (_NORMAL_FLOOR if subtract_floor else 0.0), 0.0)
     return jnp.mean(total) / (4 * max(pred_local.shape[1:3]))
 
 
@@ -172,7 +181,7 @@ def _huber(x, delta: float):
     return jnp.where(ax < delta, 0.5 * x * x, delta * (ax - 0.5 * delta))
 
 
-def camera_loss(pred_poses, gt_poses, scale, translation_weight: float):
+def camera_loss(pred_poses, gt_poses, scale, translation_weight: float, subtract_floor: bool = True):
     """Relative-pose loss over ordered pairs i != j of one sample. Returns (trans, rot, total)."""
     v = pred_poses.shape[0]
     pred = pred_poses.at[:, :3, 3].multiply(scale)
@@ -188,15 +197,53 @@ def camera_loss(pred_poses, gt_poses, scale, translation_weight: float):
     cos = (jnp.trace(m, axis1=-2, axis2=-1) - 1) / 2
     sin = _safe_norm((m - jnp.swapaxes(m, -1, -2)).reshape(m.shape[:-2] + (9,))) / math.sqrt(8.0)
     angle = jnp.clip(jnp.arctan2(sin, cos), _ROTATION_FLOOR, _ROTATION_CEIL)
-    rot = jnp.sum(jnp.where(off, angle - _ROTATION_FLOOR, 0.0)) / pairs
+    rot = jnp.sum(jnp.where(off, angle - (_ROTATION_FLOOR if subtract_floor else 0.0), 0.0)) / pairs
     return trans, rot, translation_weight * trans + rot
 
 
+class GeometryCounts(NamedTuple):
+    """The denominators of the batch reduction, counted on the GT of the WHOLE batch (float32 scalars).
+
+    pixels: valid pixels of the usable samples; samples: usable samples; normal_samples: usable samples
+    whose dataset enables the normal loss. A micro-batch divided by the full batch's counts gives its
+    share of the full-batch loss, so shares add up exactly under gradient accumulation.
+    """
+
+    pixels: jax.Array
+    samples: jax.Array
+    normal_samples: jax.Array
+
+
+def _valid_pixels(gt: GeometryTruth) -> jax.Array:
+    """bool [N,V,H,W]: marked valid and with finite GT points."""
+    return gt.valid.astype(bool) & jnp.all(jnp.isfinite(gt.world_points), axis=-1)
+
+
+def _usable_samples(gt: GeometryTruth, valid: jax.Array) -> jax.Array:
+    """bool [N]: samples that take part: a valid pixel, finite poses, and not padding."""
+    ok = jnp.any(valid, axis=(1, 2, 3)) & gt.sample_valid.astype(bool).reshape(-1)
+    return ok & jnp.all(jnp.isfinite(gt.poses), axis=(1, 2, 3))
+
+
+def geometry_counts(gt: GeometryTruth) -> GeometryCounts:
+    valid = _valid_pixels(gt)
+    ok = _usable_samples(gt, valid)
+    enabled = ok & gt.normal_loss_enabled.astype(bool).reshape(-1)
+    pixels = jnp.sum(jnp.where(ok[:, None, None, None], valid, False))
+    return GeometryCounts(pixels.astype(jnp.float32), jnp.sum(ok).astype(jnp.float32),
+                          jnp.sum(enabled).astype(jnp.float32))
+
+
 def sample_loss(pred: dict, world, valid, gt_poses, normal_enabled, cfg: LossConfig):
-    """Visual-geometry loss of one sample; returns (loss, details). Shapes without the batch axis."""
-    world = world.astype(jnp.float32)
-    valid = valid & jnp.all(jnp.isfinite(world), axis=-1)
-    world = jnp.where(valid[..., None], world, 0.0)
+    """Visual-geometry terms of one sample (shapes without the batch axis). `valid` must already
+    exclude non-finite GT points.
+
+    Returns (terms, sample_total): terms are the sums the batch reduction adds up -- `local` and
+    `global` summed over valid pixels and coordinates, `normal` (this sample's mean), `cam_trans`,
+    `cam_rot`, `scale` -- and sample_total is this sample's own loss (its terms as means), which
+    `cfg.clip_above` compares against.
+    """
+    world = jnp.where(jnp.isfinite(world), world.astype(jnp.float32), 0.0)  # raw GT where finite
     gt_world, gt_local, gt_poses = _normalise_gt(world, valid, gt_poses.astype(jnp.float32))
     count = jnp.maximum(jnp.sum(valid), 1)
 
@@ -221,42 +268,59 @@ def sample_loss(pred: dict, world, valid, gt_poses, normal_enabled, cfg: LossCon
     at_median = (jnp.arange(flat_valid.shape[0] * 3) == jnp.where(k >= 0, rows[k // 3] * 3 + k % 3, -1))
     at_median = at_median.reshape(local.shape)
 
-    def l1(points, target, kink=None):
+    def l1_sum(points, target, kink=None):
         err = jnp.abs(scale * points - target)
         if kink is not None:
             err = jnp.where(kink, jax.lax.stop_gradient(err), err)
-        per = jnp.sum(err, axis=-1) * weights
-        return jnp.sum(jnp.where(valid, per, 0.0)) / (3 * count)
+        return jnp.sum(jnp.where(valid, jnp.sum(err, axis=-1) * weights, 0.0))
 
-    details = {"local": l1(local, gt_local, at_median), "scale": scale}
-    details["normal"] = jnp.where(normal_enabled, normal_loss(scale * local, gt_local, valid), 0.0)
-    details["global"] = l1(pred["global_points"].astype(jnp.float32) / n, gt_world) if "global_points" in pred else 0.0
-    details["cam_trans"], details["cam_rot"], cam = camera_loss(pred_poses, gt_poses, scale, cfg.translation_weight)
-    loss = (details["local"] + cfg.normal_weight * details["normal"] + cfg.global_points_weight * details["global"]
-            + cfg.camera_weight * cam)
-    if cfg.clip_above > 0:
-        loss = jnp.where(loss > cfg.clip_above, 0.0, loss)
-    return loss, details
+    terms = {"local": l1_sum(local, gt_local, at_median), "scale": scale,
+             "normal": jnp.where(normal_enabled, normal_loss(scale * local, gt_local, valid, cfg.subtract_floors), 0.0),
+             "global": (l1_sum(pred["global_points"].astype(jnp.float32) / n, gt_world)
+                        if "global_points" in pred else jnp.zeros((), jnp.float32))}
+    terms["cam_trans"], terms["cam_rot"], _ = camera_loss(pred_poses, gt_poses, scale, cfg.translation_weight,
+                                                          cfg.subtract_floors)
+    own = dict(terms, local=terms["local"] / (3 * count), **{"global": terms["global"] / (3 * count)})
+    return terms, _combine(own, cfg)
 
 
-def visual_geometry_loss(pred: dict, gt: GeometryTruth, cfg: LossConfig) -> tuple[jax.Array, dict]:
-    """Mean visual-geometry loss over the valid samples of a batch (SPEC 2.1).
+def _combine(terms: dict, cfg: LossConfig) -> jax.Array:
+    """L_VG from its reduced terms (SPEC 2.1 step 9)."""
+    camera = cfg.translation_weight * terms["cam_trans"] + terms["cam_rot"]
+    return (terms["local"] + cfg.normal_weight * terms["normal"] + cfg.global_points_weight * terms["global"]
+            + cfg.camera_weight * camera)
+
+
+def visual_geometry_loss(pred: dict, gt: GeometryTruth, cfg: LossConfig,
+                         counts: GeometryCounts | None = None) -> tuple[jax.Array, dict]:
+    """The visual-geometry loss of a batch, reduced as the official Pi3Loss does (SPEC 2.1).
 
     pred: local_points [N,V,H,W,3], camera_poses [N,V,4,4] (c2w), optional global_points [N,V,H,W,3].
     gt:   `batch.GeometryTruth` of the same N samples.
-    Returns (loss, details) with per-term means over valid samples.
+    counts: the denominators; default `geometry_counts(gt)` (this batch). Pass the full batch's counts
+      when `pred`/`gt` are one micro-batch of it: the result is then that micro-batch's share.
+
+    Local and global point losses are means over all valid pixels (x 3 coordinates) of the usable
+    samples, pixel-weighted across samples; the normal loss is the mean over the samples whose dataset
+    enables it; the camera terms and the optimal scale are means over usable samples. A sample whose
+    own loss exceeds `cfg.clip_above` (when > 0) contributes nothing but stays counted.
+    Returns (loss, details): details holds each reduced term ('local', 'normal', 'global',
+    'cam_trans', 'cam_rot', 'scale').
     """
-    valid = gt.valid.astype(bool)
-    b = valid.shape[0]
-    sample_ok = jnp.any(valid & jnp.all(jnp.isfinite(gt.world_points), -1), axis=(1, 2, 3))
-    sample_ok = sample_ok & gt.sample_valid.astype(bool)
-    sample_ok = sample_ok & jnp.all(jnp.isfinite(gt.poses), axis=(1, 2, 3))
-    poses = jnp.where(sample_ok[:, None, None, None], gt.poses, jnp.eye(4))
+    valid = _valid_pixels(gt)
+    ok = _usable_samples(gt, valid)
+    counts = geometry_counts(gt) if counts is None else counts
+    n = valid.shape[0]
+    poses = jnp.where(ok[:, None, None, None], gt.poses, jnp.eye(4))
     keys = [k for k in ("local_points", "camera_poses", "global_points") if k in pred]
     fn = lambda p, w, m, c, e: sample_loss(dict(zip(keys, p)), w, m, c, e, cfg)
-    losses, details = jax.vmap(fn)(tuple(pred[k] for k in keys), gt.world_points, valid, poses,
-                                   gt.normal_loss_enabled.astype(bool).reshape(b))
-    weight = sample_ok.astype(jnp.float32)
-    denom = jnp.maximum(jnp.sum(weight), 1.0)
-    mean = lambda x: jnp.sum(jnp.where(sample_ok, x, 0.0)) / denom
-    return mean(losses), {k: mean(jnp.broadcast_to(v, (b,))) for k, v in details.items()}
+    terms, totals = jax.vmap(fn)(tuple(pred[k] for k in keys), gt.world_points, valid, poses,
+                                 gt.normal_loss_enabled.astype(bool).reshape(n))
+    if cfg.clip_above > 0:
+        ok = ok & ~(totals > cfg.clip_above)
+    take = lambda x: jnp.sum(jnp.where(ok, x, 0.0))
+    per = lambda x, d: take(x) / jnp.maximum(d, 1.0)
+    details = {"local": per(terms["local"], 3 * counts.pixels), "global": per(terms["global"], 3 * counts.pixels),
+               "normal": per(terms["normal"], counts.normal_samples),
+               **{k: per(terms[k], counts.samples) for k in ("cam_trans", "cam_rot", "scale")}}
+    return _combine(details, cfg), details

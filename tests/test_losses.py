@@ -143,6 +143,83 @@ def test_normal_loss_only_for_enabled_samples_and_clipping():
     assert float(clipped) == 0.0
 
 
+def _noisy_pred(s, seed=0):
+    pred = _pred_from_gt(s, 1.0, np.eye(4))
+    rng = np.random.default_rng(seed)
+    for key in ("local_points", "global_points"):
+        pred[key] = pred[key] * (1 + 0.1 * rng.normal(size=pred[key].shape)).astype(np.float32)
+    return pred
+
+
+def _one(tree, i):
+    return jax.tree.map(lambda v: v[i:i + 1], tree)
+
+
+def test_point_losses_are_pixel_weighted_and_normal_averages_enabled_samples():
+    """The official Pi3Loss reduction: local/global means over all valid pixels of the batch, the normal
+    loss over the samples whose dataset enables it, camera terms over samples."""
+    s = _scene(11, b=2)
+    s["valid"][0] = False
+    s["valid"][0, 0, :3, :4] = True  # sample 0: 12 valid pixels, sample 1: ~216
+    pred = _noisy_pred(s)
+    gt = _gt(s).replace(normal_loss_enabled=jnp.array([True, False]))
+    _, batch = _LOSS(pred, gt)
+    alone = [_LOSS(_one(pred, i), _one(gt, i))[1] for i in range(2)]
+    pixels = s["valid"].sum(axis=(1, 2, 3))
+    for key in ("local", "global"):
+        want = sum(float(alone[i][key]) * pixels[i] for i in range(2)) / pixels.sum()
+        np.testing.assert_allclose(float(batch[key]), want, rtol=1e-5)
+        assert abs(want - np.mean([float(a[key]) for a in alone])) > 0.05 * want  # differs from the sample mean
+    np.testing.assert_allclose(float(batch["normal"]), float(alone[0]["normal"]), rtol=1e-5)
+    for key in ("cam_trans", "cam_rot"):
+        np.testing.assert_allclose(float(batch[key]), np.mean([float(a[key]) for a in alone]), rtol=1e-5)
+
+
+def test_micro_batch_shares_add_up_to_the_batch_loss():
+    """With the full batch's counts, the losses of two halves add up to the loss of the whole."""
+    s = _scene(12, b=4)
+    s["valid"][1, :, 2:] = False
+    pred = _noisy_pred(s, 1)
+    gt = _gt(s).replace(normal_loss_enabled=jnp.array([True, False, True, True]))
+    whole, details = _LOSS(pred, gt)
+    counts = L.geometry_counts(gt)
+    halves = [L.visual_geometry_loss(jax.tree.map(lambda v: v[i:i + 2], pred), jax.tree.map(lambda v: v[i:i + 2], gt),
+                                     LossConfig(), counts) for i in (0, 2)]
+    np.testing.assert_allclose(float(halves[0][0] + halves[1][0]), float(whole), rtol=1e-5)
+    for key, value in details.items():
+        np.testing.assert_allclose(float(halves[0][1][key] + halves[1][1][key]), float(value), rtol=1e-5, atol=1e-7)
+
+
+def test_normal_edges_come_from_the_raw_gt_depth():
+    """Invalid pixels keep their (finite) depth for the depth-edge test, as in the official loss: on a
+    plane with holes in the mask no pixel is an edge, so the loss equals the one computed with the
+    triangle masks from `valid` alone. Zeroing the invalid depths first would make the holes' rims edges."""
+    s = _scene(13, b=1)
+    s["valid"][:] = True
+    s["valid"][0, :, 3:5, 4:6] = False
+    pred = _noisy_pred(s, 2)
+    gt = _gt(s)
+    local = jnp.asarray(s["local"][0], jnp.float32)
+    assert not bool(jnp.any(L._depth_edge(local[..., 2])))
+    got = _LOSS(pred, gt)[1]["normal"]
+    zeroed = jnp.where(jnp.asarray(s["valid"][0])[..., None], local, 0.0)
+    assert bool(jnp.any(L._depth_edge(zeroed[..., 2])))  # what the old convention would have masked
+    s_zero = dict(s, world=np.where(s["valid"][..., None], s["world"], 0.0))
+    assert float(_LOSS(pred, _gt(s_zero))[1]["normal"]) != pytest.approx(float(got), rel=1e-3)
+
+
+def test_official_floors_are_available_by_name():
+    """subtract_floors=False keeps the official clamp floors: a perfect prediction then scores the
+    floor (1 degree smoothed per counted triangle, arccos(1 - 1e-6) per pair), nothing else changes."""
+    s = _scene(14, b=1)
+    pred = _pred_from_gt(s, 1.0, np.eye(4))
+    _, ours = _LOSS(pred, _gt(s))
+    _, official = L.visual_geometry_loss(pred, _gt(s), LossConfig(subtract_floors=False))
+    assert float(ours["cam_rot"]) < 1e-6 and float(official["cam_rot"]) == pytest.approx(L._ROTATION_FLOOR, rel=1e-4)
+    assert float(official["normal"]) > float(ours["normal"]) + 1e-6
+    np.testing.assert_allclose(float(official["local"]), float(ours["local"]), atol=1e-7)
+
+
 def test_cross_entropy_sums_and_token_mean():
     logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
     labels = jnp.array([[0, 1]])

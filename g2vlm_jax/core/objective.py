@@ -29,13 +29,18 @@ def _flatten_samples(x: jax.Array) -> jax.Array:
 
 
 def batch_loss_terms(model: nnx.Module, batch: PackedBatch, cfg: config_lib.ExperimentConfig, *,
-                     want_ce: bool | None = None, want_vg: bool | None = None):
-    """Runs the model and returns un-normalised loss sums (and the model outputs).
+                     want_ce: bool | None = None, want_vg: bool | None = None,
+                     vg_counts: losses.GeometryCounts | None = None):
+    """Runs the model and returns the loss terms (and the model outputs).
+
+    vg_counts: the visual-geometry denominators of the whole step's batch (`losses.geometry_counts`)
+      when `batch` is one micro-batch of it; default: this batch's own.
 
     Returns:
-      ce_sum: float32[]   sum of per-token CE over loss positions
-      vg_sum: float32[]   sum over valid samples of each sample's visual-geometry loss
-      details: dict of per-term means (for logging)
+      ce_sum: float32[]   sum of per-token CE over loss positions (the caller divides by the global count)
+      vg:     float32[]   the visual-geometry loss of `batch` reduced with `vg_counts` (its share of the
+                          step's loss; the loss itself when vg_counts is None)
+      details: dict of the reduced visual-geometry terms (shares likewise; they add up over micro-batches)
       out: the ModelOutput
     """
     want_ce = cfg.loss.ce_weight > 0 if want_ce is None else want_ce
@@ -43,7 +48,7 @@ def batch_loss_terms(model: nnx.Module, batch: PackedBatch, cfg: config_lib.Expe
     out = model(batch, compute_logits=want_ce, compute_geometry=want_vg)
     details = {}
     ce_sum = jnp.zeros((), jnp.float32)
-    vg_sum = jnp.zeros((), jnp.float32)
+    vg = jnp.zeros((), jnp.float32)
     if want_ce:
         lu = batch.num_sem_tokens
         ce_sum, _ = losses.cross_entropy_sums(out.logits, batch.labels[:, :lu], batch.loss_mask[:, :lu])
@@ -53,18 +58,18 @@ def batch_loss_terms(model: nnx.Module, batch: PackedBatch, cfg: config_lib.Expe
                 "camera_poses": _flatten_samples(geo["camera_poses"])}
         if "global_points" in geo:
             pred["global_points"] = _flatten_samples(geo["global_points"])
-        vg_mean, details = losses.visual_geometry_loss(pred, GeometryTruth.from_batch(batch), cfg.loss)
-        vg_sum = vg_mean * jnp.sum(batch.sample_valid).astype(jnp.float32)
-    return ce_sum, vg_sum, details, out
+        vg, details = losses.visual_geometry_loss(pred, GeometryTruth.from_batch(batch), cfg.loss, vg_counts)
+    return ce_sum, vg, details, out
 
 
 def eval_geometry(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainState, batch: PackedBatch):
-    """Geometry outputs and the visual-geometry loss sum of a held-out batch (no gradients).
+    """Geometry outputs and the visual-geometry loss of a held-out batch (no gradients), weighted by
+    its valid samples so that the evaluator's sum over batches / samples is a sample-weighted mean.
 
-    Returns (geometry dict [B, S, V, ...], vg_sum over valid samples).
+    Returns (geometry dict [B, S, V, ...], vg_loss x valid samples).
     """
-    _, vg_sum, _, out = batch_loss_terms(spec.model(state), batch, cfg, want_ce=False, want_vg=True)
-    return out.geometry, vg_sum
+    _, vg, _, out = batch_loss_terms(spec.model(state), batch, cfg, want_ce=False, want_vg=True)
+    return out.geometry, vg * jnp.sum(batch.sample_valid).astype(jnp.float32)
 
 
 def make_eval_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state_shardings,

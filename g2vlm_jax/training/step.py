@@ -1,9 +1,10 @@
 """The jitted train step: loss (CE + visual geometry), gradient accumulation, clip, AdamW, NaN guard.
 
 Normalisation is global: the CE is the sum of per-token losses over the *whole* batch divided by the
-batch's count of loss tokens (SPEC 2.2), and the visual-geometry loss is the mean over the batch's
-valid samples. With gradient accumulation each micro-batch contributes its sums divided by those
-global counts, so accumulating k micro-batches gives exactly the gradient of the full batch.
+batch's count of loss tokens (SPEC 2.2), and the visual-geometry terms are divided by the whole
+batch's valid pixels / usable samples (SPEC 2.1, `losses.geometry_counts`). With gradient
+accumulation each micro-batch contributes its sums divided by those global counts, so accumulating
+k micro-batches gives exactly the loss and gradient of the full batch.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from g2vlm_jax import config as config_lib
+from g2vlm_jax import losses
 from g2vlm_jax import meeting
 from g2vlm_jax import sharding as sharding_lib
-from g2vlm_jax.batch import PackedBatch
+from g2vlm_jax.batch import GeometryTruth, PackedBatch
 from g2vlm_jax.core import optim as optim_lib
 from g2vlm_jax.core.objective import batch_loss_terms
 from g2vlm_jax.core.state import StateSpec, TrainState
@@ -48,17 +50,17 @@ def train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainSt
     """
     k = cfg.optim.grad_accum_steps
     ce_count = jnp.maximum(jnp.sum(batch.loss_mask), 1.0)
-    vg_count = jnp.maximum(jnp.sum(batch.sample_valid).astype(jnp.float32), 1.0)
+    vg_counts = losses.geometry_counts(GeometryTruth.from_batch(batch))
 
     def micro_loss(trainable, micro):
         model = nnx.merge(spec.graphdef, trainable, state.frozen)
-        ce_sum, vg_sum, details, _ = batch_loss_terms(model, micro, cfg)
-        loss = cfg.loss.ce_weight * ce_sum / ce_count + cfg.loss.vg_weight * vg_sum / vg_count
-        return loss, (ce_sum, vg_sum, details)
+        ce_sum, vg, details, _ = batch_loss_terms(model, micro, cfg, vg_counts=vg_counts)
+        loss = cfg.loss.ce_weight * ce_sum / ce_count + cfg.loss.vg_weight * vg
+        return loss, (ce_sum, vg, details)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     if k == 1:
-        (loss, (ce_sum, vg_sum, details)), grads = grad_fn(state.trainable, batch)
+        (loss, (ce_sum, vg, details)), grads = grad_fn(state.trainable, batch)
     else:
         def body(carry, micro):
             (loss_i, (ce_i, vg_i, det_i)), g_i = grad_fn(state.trainable, micro)
@@ -66,8 +68,8 @@ def train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainSt
             return acc, det_i
 
         zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, state.trainable))
-        (loss, ce_sum, vg_sum, grads), det_all = jax.lax.scan(body, zeros, _split_micro(batch, k))
-        details = jax.tree_util.tree_map(jnp.mean, det_all)
+        (loss, ce_sum, vg, grads), det_all = jax.lax.scan(body, zeros, _split_micro(batch, k))
+        details = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), det_all)  # shares add up
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -82,7 +84,7 @@ def train_step(spec: StateSpec, cfg: config_lib.ExperimentConfig, state: TrainSt
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
     )
-    metrics = {"loss": loss, "ce": ce_sum / ce_count, "vg": vg_sum / vg_count, "grad_norm": grad_norm, "lr": lr,
+    metrics = {"loss": loss, "ce": ce_sum / ce_count, "vg": vg, "grad_norm": grad_norm, "lr": lr,
                "finite": finite.astype(jnp.float32), "nonfinite_streak": new_state.nonfinite_streak,
                "loss_tokens": jnp.sum(batch.loss_mask), "tokens": jnp.sum(batch.token_type > 0),
                **{f"vg/{name}": value for name, value in details.items()}}
