@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 from typing import Iterator, Mapping
@@ -51,7 +52,6 @@ from flax import nnx
 from tqdm import tqdm
 
 from g2vlm_jax import config as config_lib
-from g2vlm_jax.model import dino as dino_lib
 from g2vlm_jax.model import encoder_layers as el
 from g2vlm_jax.model.g2vlm import G2VLM, official_backbone_params
 
@@ -63,9 +63,6 @@ USE_VIT_KEY = "g2vlm_use_vit"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# The DINO mask token exists in the official module but only serves masked-image pretraining: read
-# if present, written as zeros.
-MASK_TOKEN = "dino_model.embeddings.mask_token"
 # Tensors a released file may hold that the official inference model does not have (its loader uses
 # strict=False and drops them): the training loss's sky-segmentation net (`Pi3Loss.*`), BAGEL's
 # legacy position tables (the official resume deletes them), the register tokens of
@@ -255,7 +252,6 @@ def official_shapes(cfg: config_lib.ModelConfig, model: G2VLM | None = None) -> 
     for path, layer, name, transposed in official_backbone_params(cfg):
         shape = tuple(params[path].get_value().shape)[0 if layer is None else 1:]
         shapes[name] = shape[::-1] if transposed else shape
-    shapes[MASK_TOKEN] = (1, cfg.dino.hidden_size)
     return shapes
 
 
@@ -274,7 +270,7 @@ def check_state_dict(state_dict: Mapping[str, np.ndarray], cfg: config_lib.Model
                      model: G2VLM | None = None) -> None:
     """Raises ValueError listing missing, unexpected or misshapen official tensors for `cfg`."""
     expected = official_shapes(cfg, model)
-    missing = sorted(n for n in expected if n not in state_dict and n != MASK_TOKEN)
+    missing = sorted(n for n in expected if n not in state_dict)
     if missing:
         raise _names_error("missing", missing)
     unexpected = sorted(n for n in state_dict if n not in expected and not n.startswith(IGNORED_PREFIXES))
@@ -305,8 +301,7 @@ def from_official(state_dict: Mapping[str, np.ndarray], config: config_lib.Model
     total = sum(len(el.official_param_map(m, p)) for m, p in _encoder_parts(model)) + sum(map(len, groups.values()))
     with tqdm(total=total, unit="tensor", desc="official -> g2vlm", leave=False) as bar:
         for module, prefix in _encoder_parts(model):
-            ignore = dino_lib.UNUSED_OFFICIAL if module is model.dino_model else ()
-            bar.update(len(el.load_official(module, state_dict, prefix, ignore=ignore)))
+            bar.update(len(el.load_official(module, state_dict, prefix)))
         params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
         for path, entries in groups.items():
             layers = [_transpose_if(np.asarray(state_dict[name]), transposed) for _, _, name, transposed in entries]
@@ -345,7 +340,6 @@ def to_official(model: G2VLM, dtype: str = "float32") -> dict[str, np.ndarray]:
                 one = value[layer] if layer is not None else value
                 out[name] = np.ascontiguousarray(_transpose_if(one, transposed).astype(np_dtype))
                 bar.update()
-    out[MASK_TOKEN] = np.zeros((1, cfg.dino.hidden_size), np_dtype)
     return out
 
 
@@ -433,6 +427,10 @@ def write_official_dir(model: G2VLM, out_dir: str | pathlib.Path, *, dtype: str 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(to_official(model, dtype), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600); give it the mode of an ordinary file.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / WEIGHTS_FILE, 0o666 & ~umask)
     for name, content in official_config_files(model.cfg).items():
         (out / name).write_text(json.dumps(content, indent=2))
     if tokenizer_dir:

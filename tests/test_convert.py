@@ -1,4 +1,5 @@
 """Official weights: name/layout round trip, official-layout directories, config JSONs, errors, export."""
+import dataclasses
 import json
 import logging
 import pathlib
@@ -12,7 +13,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from g2vlm_jax import checkpoint as ckpt_lib
-from g2vlm_jax import cli, convert
+from g2vlm_jax import cli, convert, sharding
+from g2vlm_jax.core import state as state_lib
 from g2vlm_jax import config as C
 from g2vlm_jax.inference import load
 from g2vlm_jax.model.g2vlm import G2VLM, parameter_counts
@@ -47,9 +49,10 @@ def test_round_trip_is_bitwise(tiny, official_f32):
     for name in a:
         assert b[name].dtype == np.float32
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    # Every parameter is exported once: the counts agree (plus the DINO mask token), and the abstract
-    # shape table is exactly what to_official writes.
-    assert sum(v.size for v in official_f32.values()) == parameter_counts(tiny.cfg)["total"] + tiny.cfg.dino.hidden_size
+    # Every parameter is exported once: the counts agree, and the abstract shape table is exactly what
+    # to_official writes. The DINO mask token (random here, unused by the forward) survives too.
+    assert sum(v.size for v in official_f32.values()) == parameter_counts(tiny.cfg)["total"]
+    assert np.abs(official_f32["dino_model.embeddings.mask_token"]).max() > 0
     assert convert.official_shapes(tiny.cfg) == {k: v.shape for k, v in official_f32.items()}
 
 
@@ -204,7 +207,7 @@ def test_2b_config_from_official_jsons(tmp_path):
     assert convert.config_from_official(tmp_path).vit.patch_size == 14
     # The 2B official tensors, abstractly (nothing allocated): ~4.54 B values under the SPEC 1.7 names.
     shapes = convert.official_shapes(cfg)
-    assert sum(int(np.prod(s)) for s in shapes.values()) == parameter_counts(cfg)["total"] + 1024
+    assert sum(int(np.prod(s)) for s in shapes.values()) == parameter_counts(cfg)["total"]
     assert shapes["vit_model.patch_embed.proj.weight"] == (1280, 3, 2, 14, 14)
     assert shapes["vit_model.merger.mlp.2.weight"] == (1536, 5120)
     assert shapes["dino_model.embeddings.position_embeddings"] == (1, 1370, 1024)
@@ -269,3 +272,26 @@ def test_export_writes_bf16_params_only(tiny_trained_run, tmp_path, capsys):
     assert cli.main(["export", "--experiment", experiment, "--set", "model.text.num_layers=3", "--checkpoint",
                      str(tiny_trained_run), "--out", str(tmp_path / "bad")]) == 2
     assert "differs in ['text']" in capsys.readouterr().err
+
+
+def test_params_checkpoint_without_the_mask_token_still_loads(tiny_trained_run, tmp_path, caplog):
+    """Exports written before the DINO mask token was kept load it as zeros (it is unused by the
+    forward), with a warning; both readers of params checkpoints: load_model and checkpoint.init_from."""
+    assert cli.main(["export", "--checkpoint", str(tiny_trained_run), "--out", str(tmp_path / "new")]) == 0
+    params, metadata = ckpt_lib.load_params(tmp_path / "new")
+    name = "dino_model/embeddings/mask_token"
+    assert name in ckpt_lib.ADDED_PARAMETERS and name in params
+    ckpt_lib.save_params(tmp_path / "old", {k: v for k, v in params.items() if k != name}, metadata)
+    with caplog.at_level(logging.WARNING):
+        _, model = load.load_model(tmp_path / "old")
+    assert "predates parameters ['dino_model/embeddings/mask_token']" in caplog.text
+    assert not np.asarray(model.dino_model.embeddings.mask_token.get_value()).any()
+    cfg, _ = load.load_model(tmp_path / "new")
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=str(tmp_path / "old")))
+    _, state, _ = state_lib.create_train_state(cfg, sharding.make_mesh(cfg.mesh))
+    state = ckpt_lib.initialise_from(state, cfg)
+    assert not np.asarray(ckpt_lib.flat_params(state.frozen)[name]).any()
+    # Any other missing parameter is still an error.
+    ckpt_lib.save_params(tmp_path / "broken", {k: v for k, v in params.items() if k != "dino2llm/kernel"}, metadata)
+    with pytest.raises(ValueError, match="lacks 1 tensors"):
+        load.load_model(tmp_path / "broken")

@@ -109,7 +109,9 @@ def test_vit_attention_stays_within_an_image(vit_model):
     a = _run(model, jnp.asarray(images))
     images[1] = 1.0 - images[1]
     b = _run(model, jnp.asarray(images))
-    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    # Not bitwise: XLA's CPU matmuls may block a batch differently between two calls on a loaded machine
+    # (seen once in a full-file run); leaking attention would move image 0 by as much as image 1 moves.
+    np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=0, atol=1e-6)
     assert np.abs(np.asarray(a[1] - b[1])).max() > 1e-4
 
 
@@ -140,7 +142,7 @@ def dino_model():
     g, weights = _golden("dino_golden.npz")
     model = nnx.eval_shape(lambda: dino.GeometryEncoder(cfg.dino, rngs=nnx.Rngs(0)))
     consumed = dino.load_official_weights(model, weights)
-    assert sorted(consumed) == sorted(set(weights) - {"embeddings.mask_token"})
+    assert sorted(consumed) == sorted(weights)  # the mask token too (kept for an exact round trip)
     return model, g
 
 
@@ -175,7 +177,9 @@ def test_dino_attention_stays_within_an_image(dino_model):
     a = _run(model, jnp.asarray(images))
     images[1] = np.random.default_rng(5).uniform(size=images[1].shape)
     b = _run(model, jnp.asarray(images))
-    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    # Not bitwise: XLA's CPU matmuls may block a batch differently between two calls on a loaded machine
+    # (seen once in a full-file run); leaking attention would move image 0 by as much as image 1 moves.
+    np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=0, atol=1e-6)
     assert np.abs(np.asarray(a[1] - b[1])).max() > 1e-4
 
 
@@ -201,16 +205,16 @@ def test_official_loader_rejects_mismatches():
     # With a prefix, other parts of a full checkpoint are ignored.
     full = {"dino_model." + k: v for k, v in weights.items()}
     full["vit_model.blocks.0.norm1.weight"] = np.ones(3, np.float32)
-    assert len(dino.load_official_weights(model, full, prefix="dino_model.")) == len(weights) - 1
+    assert len(dino.load_official_weights(model, full, prefix="dino_model.")) == len(weights)
 
 
 def test_dino_2b_parameters_match_official():
     cfg = ModelConfig()
     model = nnx.eval_shape(lambda: dino.GeometryEncoder(cfg.dino, rngs=nnx.Rngs(0)))
     count = _param_count(model)
-    assert count == 304_371_712  # the official 304,372,736 less the unused mask_token (1024)
+    assert count == 304_372_736  # the official count, mask token included
     assert abs(count - 0.304e9) / 0.304e9 < 0.005
-    _check_official_shapes(model, "dino_model.", ignore=dino.UNUSED_OFFICIAL)
+    _check_official_shapes(model, "dino_model.")
     _check_logical_names(model)
 
 

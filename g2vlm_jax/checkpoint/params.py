@@ -37,19 +37,38 @@ def save_params(directory: str | pathlib.Path, params: dict[str, Any], metadata:
     return directory
 
 
+# Parameters the model gained after params checkpoints had been written, each zero-initialised and
+# unused by the forward: a checkpoint without one loads it as zeros, with a warning.
+ADDED_PARAMETERS = ("dino_model/embeddings/mask_token",)  # kept since 2026-12 for an exact official round trip
+
+
 def load_params(directory: str | pathlib.Path, target: dict[str, jax.ShapeDtypeStruct] | None = None) -> tuple[dict, dict]:
-    """Reads a params-only checkpoint: (flat params, metadata). `target` places arrays with shardings."""
+    """Reads a params-only checkpoint: (flat params, metadata). `target` places arrays with shardings;
+    an `ADDED_PARAMETERS` name the checkpoint predates is left out of the result (callers keep zeros)."""
     folder = open_checkpoint(directory, expect=(PARAMS,))
     directory, metadata = folder.path, folder.metadata()
     with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(directory / "params", target) if target else checkpointer.restore(directory / "params")
-    return params, metadata
+        if not target:
+            return checkpointer.restore(directory / "params"), metadata
+        stored = set(checkpointer.metadata(directory / "params").item_metadata.keys())
+        absent = [name for name in ADDED_PARAMETERS if name in target and name not in stored]
+        if absent:
+            logging.warning("%s predates parameters %s (unused by the forward); they load as zeros", directory, absent)
+            target = {k: v for k, v in target.items() if k not in absent}
+        missing = sorted(set(target) - stored)
+        if missing:
+            raise ValueError(f"{directory}: params checkpoint lacks {len(missing)} tensors the model has (first: "
+                             f"{missing[:5]}); is it a checkpoint of another model config?")
+        return checkpointer.restore(directory / "params", target), metadata
 
 
 def _place(params: nnx.State, flat: dict, where: str) -> nnx.State:
     """Returns `params` with every value replaced by `flat[name]`, keeping each leaf's sharding."""
     def load(path, variable):
         name = "/".join(str(k) for k in path)
+        if name not in flat and name in ADDED_PARAMETERS:
+            logging.warning("%s predates parameter %s (unused by the forward); it loads as zeros", where, name)
+            return variable.replace(jax.numpy.zeros_like(variable.get_value()))
         if name not in flat:
             raise KeyError(f"{where}: parameter {name!r} is missing")
         value, current = flat[name], variable.get_value()

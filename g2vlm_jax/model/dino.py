@@ -21,6 +21,7 @@ Parameter mapping (ours -> official `dino_model.*`; kernels are `w.reshape(out, 
     embeddings.cls_token [1, 1, C]                      embeddings.cls_token
     embeddings.register_tokens [1, R, C]                embeddings.register_tokens
     embeddings.position_embeddings [1, G*G+1, C]        embeddings.position_embeddings
+    embeddings.mask_token [1, C]                        embeddings.mask_token
     embeddings.patch_embeddings.projection.kernel [3*14*14, C]
                                                         embeddings.patch_embeddings.projection.weight [C, 3, 14, 14]
     encoder.layer[i].norm1 / norm2 .{scale,bias}        encoder.layer.i.norm1 / norm2 .{weight,bias}
@@ -30,7 +31,8 @@ Parameter mapping (ours -> official `dino_model.*`; kernels are `w.reshape(out, 
     encoder.layer[i].layer_scale{1,2}.lambda1 [C]       encoder.layer.i.layer_scale{1,2}.lambda1
     encoder.layer[i].mlp.fc1 / mlp.fc2                  encoder.layer.i.mlp.fc1 / mlp.fc2
     layernorm.{scale,bias}                              layernorm.{weight,bias}
-    (not loaded: embeddings.mask_token, used only by DINOv2's masked pre-training)
+The mask token serves only DINOv2's masked pre-training and is never used in a forward pass here; it
+is kept (it gets no gradient) so that official -> ours -> official is the identity.
 """
 from __future__ import annotations
 
@@ -43,9 +45,6 @@ from flax import nnx
 
 from g2vlm_jax.config import DinoConfig
 from g2vlm_jax.model import encoder_layers as el
-
-UNUSED_OFFICIAL = ("embeddings.mask_token",)
-
 
 def _keys_cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
     x = np.abs(x)
@@ -108,6 +107,9 @@ class Dinov2Embeddings(nnx.Module):
         self.cls_token = el.normal_param(rngs, (1, 1, c), names, param_dtype)
         self.register_tokens = el.normal_param(rngs, (1, cfg.num_registers, c), names, param_dtype)
         self.position_embeddings = el.normal_param(rngs, (1, cfg.pos_grid ** 2 + 1, c), names, param_dtype)
+        # Unused in the forward (DINOv2 masked pre-training only); zeros as the official initialisation.
+        self.mask_token = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), (None, "enc_embed"))(
+            rngs.params(), (1, c), param_dtype))
         self.patch_embeddings = Dinov2PatchEmbeddings(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def position_table(self, h: int, w: int) -> jax.Array:
@@ -236,7 +238,6 @@ class GeometryEncoder(nnx.Module):
 def load_official_weights(module: GeometryEncoder, state_dict: Mapping[str, np.ndarray], prefix: str = "") -> list[str]:
     """Loads official `dino_model.*` weights (prefix='dino_model.' for a full checkpoint) in place.
 
-    Returns the consumed keys; raises ValueError on a missing, misshapen or unused weight
-    (`embeddings.mask_token` is known and skipped).
+    Returns the consumed keys; raises ValueError on a missing, misshapen or unused weight.
     """
-    return el.load_official(module, state_dict, prefix, ignore=UNUSED_OFFICIAL)
+    return el.load_official(module, state_dict, prefix)
