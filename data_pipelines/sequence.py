@@ -150,16 +150,15 @@ class SequenceBuilder:
             num_frames=self.frames, geo_grid=self.geo_grid, num_sem_images=self.sem_images)
 
 
-def recon_sample(tok: Tokenizer, views: int, height: int, width: int) -> SampleTokens:
-    """Stage-1 layout: the reconstruction prompt (causal), then the geometry frames.
+def recon_sample(tok: Tokenizer, views: int, height: int, width: int, *, bos: bool = False) -> SampleTokens:
+    """The reconstruction layout: the prompt (causal), then the geometry frames.
 
-    Deliberately without the official `<|im_start|>` for now (SPEC 4 has it; issue #17): the row
-    shapes reserve 8 prompt tokens per sample (`pipeline.BatchMaker.row_shape`) and the built-in
-    tokenizer already spends 12 here, so one more token costs a sample slot per pack in the tight
-    buckets (stage 1b: 18 of 19 slots); the fix reworks the reserve and regenerates the AOT reports.
+    bos=False is the official training layout (its recon dataset encodes the prompt without a BOS);
+    bos=True is the official inference layout (`G2VLM.recon` prefills `<|im_start|>` + prompt), which
+    `g2vlm reconstruct` uses. SPEC 1.4 and 4.
     """
     b = SequenceBuilder(tok)
-    b.text(RECON_PROMPT)
+    b.tokens(([tok.special.im_start] if bos else []) + tok.encode(RECON_PROMPT))
     b.geometry_frames(views, height, width)
     return b.build()
 

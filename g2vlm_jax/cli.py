@@ -184,7 +184,7 @@ def cmd_convert(args) -> int:
         out = export.export_official(args.checkpoint, args.out, dtype=args.dtype)
         print(f"converted {args.checkpoint} -> {out} (official layout: model.safetensors + config JSONs)")
         return 0
-    out = export.import_official(args.official, args.out)
+    out = export.import_official(args.official, args.out, dtype=args.dtype)
     print(f"converted {args.official} -> {out} (use it as --checkpoint, or as checkpoint.init_from)")
     return 0
 
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="", help="with --to-official: training run directory or params-only checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                   help="with --to-official: dtype of model.safetensors")
+                   help="dtype of the written parameters (model.safetensors with --to-official)")
     p.set_defaults(func=cmd_convert)
     from g2vlm_jax import aot  # argument definitions only; jax is imported when it runs
 

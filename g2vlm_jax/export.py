@@ -8,8 +8,8 @@
                              `g2vlm chat/reconstruct/eval --checkpoint DIR` rebuild exactly this model
         DIR/official/        (--official) the official release layout (g2vlm_jax/convert.py)
 
-    g2vlm convert --official CKPT_DIR --out DIR
-        an official release directory -> DIR/params + DIR/metadata.json (bf16, as released), usable as
+    g2vlm convert --official CKPT_DIR --out DIR [--dtype bfloat16]
+        an official release directory -> DIR/params + DIR/metadata.json (bf16 as released, or float32), usable as
         `--checkpoint DIR` of chat/reconstruct and as `checkpoint.init_from` of a training run; the
         Qwen2 tokenizer files are copied into DIR and referenced relative to it (data.tokenizer =
         "qwen2:tokenizer.json"), so DIR can be moved as a whole
@@ -85,11 +85,18 @@ def _tokenizer_dir(cfg: config_lib.ExperimentConfig, base: pathlib.Path) -> path
     return path if path.is_dir() else path.parent
 
 
-def import_official(ckpt_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
-    """An official release directory -> our params-only checkpoint (see the module docstring)."""
+def import_official(ckpt_dir: str | pathlib.Path, out_dir: str | pathlib.Path, dtype: str = "bfloat16") -> pathlib.Path:
+    """An official release directory -> our params-only checkpoint (see the module docstring).
+
+    The checkpoint's experiment config carries the official inference sizes: frames 518 wide for
+    `reconstruct` (the official `recon`), semantic images 756 x 756 for `chat` (the official 768 x 768
+    after Qwen2-VL's resize to multiples of 28).
+    """
     ckpt_dir, out = pathlib.Path(ckpt_dir).absolute(), pathlib.Path(out_dir).absolute()
-    # Built directly in bf16: the release is bf16, so nothing is lost and a 2B model needs half the memory.
-    model_cfg, model = convert.load_official_dir(ckpt_dir, param_dtype="bfloat16")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {list(DTYPES)}")
+    # Built directly in `dtype`: the release is bf16, so bf16 loses nothing and a 2B model needs half the memory.
+    model_cfg, model = convert.load_official_dir(ckpt_dir, param_dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = config_lib.DataConfig().tokenizer
     if (ckpt_dir / "tokenizer.json").is_file():
@@ -97,6 +104,6 @@ def import_official(ckpt_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -
             if (ckpt_dir / name).is_file():
                 shutil.copy(ckpt_dir / name, out / name)
         tokenizer = "qwen2:tokenizer.json"  # relative to the checkpoint directory (inference/load.py)
-    cfg = config_lib.ExperimentConfig(name=f"official_{ckpt_dir.name}", model=model_cfg,
-                                      data=config_lib.DataConfig(tokenizer=tokenizer))
-    return save_model(model, cfg, out, dtype="bfloat16", source=f"official:{ckpt_dir}")
+    data = config_lib.DataConfig(tokenizer=tokenizer, image_size=(518, 518), vit_image_size=(756, 756))
+    cfg = config_lib.ExperimentConfig(name=f"official_{ckpt_dir.name}", model=model_cfg, data=data)
+    return save_model(model, cfg, out, dtype=dtype, source=f"official:{ckpt_dir}")

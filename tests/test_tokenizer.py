@@ -54,8 +54,15 @@ def test_qwen2_backend_reads_tokenizer_json(tmp_path):
 def test_qwen2_backend_rejects_wrong_special_ids(tmp_path):
     _tiny_qwen2_json(tmp_path / "tokenizer.json")
     data = json.loads((tmp_path / "tokenizer.json").read_text())
+    full = json.loads(json.dumps(data))
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|vision_end|>"]
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"\['<\|vision_end\|>'\] are missing"):
+        T.load_tokenizer(f"qwen2:{tmp_path}")
+    # A full-size vocabulary must put the specials at Qwen2's ids (here <|im_start|> and <|im_end|> swapped).
+    for t in full["added_tokens"]:
+        t["content"] = {"<|im_start|>": "<|im_end|>", "<|im_end|>": "<|im_start|>"}.get(t["content"], t["content"])
+    (tmp_path / "tokenizer.json").write_text(json.dumps(full))
     with pytest.raises(ValueError, match="do not match the Qwen2 ids"):
         T.load_tokenizer(f"qwen2:{tmp_path}")
 

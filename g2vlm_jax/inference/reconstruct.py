@@ -1,13 +1,13 @@
 """`g2vlm reconstruct`: a folder of images -> coloured point cloud, depth maps, cameras (SPEC 4).
 
-The official inference layout: the causal prompt "Reconstruct the 3D scene." followed by every frame
+The official inference layout: the causal prompt "<|im_start|>Reconstruct the 3D scene." followed by every frame
 in one bidirectional geometry chunk (data_pipelines/sequence.recon_sample), one forward pass, the
 heads' local points (depth = local z), camera-to-world poses and world points. Intrinsics are
 recovered from the local points by least squares (`geometry.recover_intrinsics`).
 
-Images are resized to `width` pixels wide keeping the first image's aspect ratio, then each side is
-floored to a multiple of 14 (bilinear with antialiasing, as the official loader). Every image is
-resized to the first one's size.
+Images are resized as the official `recon` loads them (`load_and_resize14`): the first image sets the
+size, `width` wide (floored to a multiple of 14) and round(H0 * width / W0 / 14) * 14 high; every image
+is resized to it with PIL's Lanczos filter.
 
 Output directory:
     points.ply          binary little-endian PLY: x y z (float32) red green blue (uchar); finite points only
@@ -51,7 +51,7 @@ def list_images(folder: str | pathlib.Path) -> list[pathlib.Path]:
 
 
 def load_images(files: list[pathlib.Path], width: int) -> np.ndarray:
-    """Images resized to `width` (aspect of the first image), sides floored to multiples of 14 -> uint8[V, H, W, 3]."""
+    """Images resized as the official loader does (module docstring) -> uint8[V, H, W, 3]."""
     out, size = [], None
     for f in files:
         try:
@@ -61,9 +61,9 @@ def load_images(files: list[pathlib.Path], width: int) -> np.ndarray:
             raise ValueError(f"image {f} cannot be decoded ({e}); remove or replace it") from e
         img = img.convert("RGB")
         if size is None:
-            h = img.height * width / img.width
-            size = (max(14, width // 14 * 14), max(14, int(h) // 14 * 14))
-        out.append(np.asarray(img.resize(size, Image.BILINEAR)))
+            w = max(14, width // 14 * 14)
+            size = (w, max(14, round(img.height * w / img.width / 14) * 14))
+        out.append(np.asarray(img.resize(size, Image.LANCZOS)))
     return np.stack(out)
 
 
@@ -73,7 +73,7 @@ def recon_batch(tok, images: np.ndarray):
     from g2vlm_jax.inference.generate import pack_single_samples
 
     v, h, w = images.shape[:3]
-    sample = sequence.recon_sample(tok, v, h, w)
+    sample = sequence.recon_sample(tok, v, h, w, bos=True)  # the official `recon` prefill
     geo = (images.astype(np.float32) / 255.0)[None]
     return pack_single_samples([sample], geo, np.zeros((1, 0, 28, 28, 3), np.float32))
 
