@@ -20,7 +20,15 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 
 class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
+    """A configuration value is invalid; the message names the field and the fix.
+
+    `field` is the field the check names and `related` the other fields its condition reads, so that
+    `apply_overrides` can name the one the user set.
+    """
+
+    def __init__(self, message: str, field: str = "", related: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.field, self.related = field, related
 
 
 # The names a config may choose from, defined once; the modules that implement them import these.
@@ -37,9 +45,10 @@ EVALUATORS: tuple[str, ...] = get_args(Evaluator)
 _DEFER_VALIDATION = contextvars.ContextVar("defer_validation", default=False)
 
 
-def _require(cond: bool, field: str, message: str) -> None:
+def _require(cond: bool, field: str, message: str, related: tuple[str, ...] = ()) -> None:
+    """Raises ConfigError naming `field` unless `cond`; `related` are the other fields `cond` reads."""
     if not cond:
-        raise ConfigError(f"config field '{field}': {message}")
+        raise ConfigError(f"config field '{field}': {message}", field, related)
 
 
 def _check_literal(obj: Any, prefix: str) -> None:
@@ -249,12 +258,16 @@ class DataConfig:
         for name, size, mult in (("image_size", self.image_size, 14), ("vit_image_size", self.vit_image_size, 28)):
             _require(len(size) == 2 and all(x > 0 and x % mult == 0 for x in size), prefix + name,
                      f"got {size}; both sides must be positive multiples of {mult}")
-        _require(2 <= self.min_views <= self.max_views, prefix + "min_views", "need 2 <= min_views <= max_views")
+        _require(2 <= self.min_views <= self.max_views, prefix + "min_views",
+                 f"need 2 <= min_views <= max_views; min_views={self.min_views}, max_views={self.max_views}",
+                 (prefix + "max_views",))
         _require(tuple(sorted(self.view_buckets)) == tuple(self.view_buckets) and self.view_buckets[-1] >= self.max_views,
-                 prefix + "view_buckets", f"must be increasing and reach max_views={self.max_views}")
+                 prefix + "view_buckets", f"{self.view_buckets} must be increasing and reach max_views={self.max_views}",
+                 (prefix + "max_views",))
         _require(0 < self.aspect_range[0] <= self.aspect_range[1], prefix + "aspect_range", "need 0 < lo <= hi")
         _require(self.aspect_buckets >= 1, prefix + "aspect_buckets", "must be >= 1")
-        _require(self.tokens_per_pack > 0 and self.packs_per_step > 0, prefix + "tokens_per_pack", "must be positive")
+        _require(self.tokens_per_pack > 0, prefix + "tokens_per_pack", f"must be positive, got {self.tokens_per_pack}")
+        _require(self.packs_per_step > 0, prefix + "packs_per_step", f"must be positive, got {self.packs_per_step}")
         _require(self.num_workers >= 0, prefix + "num_workers", "must be >= 0")
 
 
@@ -293,9 +306,11 @@ class OptimConfig:
 
     def validate(self, prefix: str = "optim.") -> None:
         _check_literal(self, prefix)
-        _require(self.learning_rate > 0, prefix + "learning_rate", "must be > 0")
-        _require(0 <= self.warmup_steps <= self.total_steps, prefix + "warmup_steps", "must be in [0, total_steps]")
-        _require(self.total_steps > 0, prefix + "total_steps", "must be > 0")
+        _require(self.learning_rate > 0, prefix + "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(self.total_steps > 0, prefix + "total_steps", f"must be > 0, got {self.total_steps}")
+        _require(0 <= self.warmup_steps <= self.total_steps, prefix + "warmup_steps",
+                 f"must be in [0, total_steps]; warmup_steps={self.warmup_steps}, total_steps={self.total_steps}",
+                 (prefix + "total_steps",))
         _require(self.grad_accum_steps >= 1, prefix + "grad_accum_steps", "must be >= 1")
 
 
@@ -462,7 +477,18 @@ def apply_overrides(cfg: Any, assignments: typing.Sequence[str]) -> Any:
             cfg = override(cfg, a)
     finally:
         _DEFER_VALIDATION.reset(token)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        # A check that fails because of a field the user set, but names another one (total_steps=1000 under
+        # the experiment's warmup_steps=5000): say which setting caused it and what to change with it.
+        set_here = {a.split("=", 1)[0].strip(): a.split("=", 1)[1].strip() for a in assignments if "=" in a}
+        caused = [f for f in e.related if f in set_here]
+        if e.field and e.field not in set_here and caused:
+            raise ConfigError(f"config field '{caused[0]}' (set to {set_here[caused[0]]}) conflicts with "
+                              f"'{e.field}': {str(e).split(': ', 1)[1]}; set {e.field} as well", caused[0],
+                              (e.field,)) from None
+        raise
     return cfg
 
 
