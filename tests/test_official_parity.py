@@ -20,6 +20,7 @@ from g2vlm_jax.batch import TOKEN_TEXT, GeometryTruth
 from g2vlm_jax.config import LossConfig
 from g2vlm_jax.inference import chat, load, reconstruct
 from g2vlm_jax.inference import generate as gen
+from g2vlm_jax.metrics import pose
 from g2vlm_jax.tokenizer import load_tokenizer
 
 OFFICIAL = pathlib.Path(__file__).parent / "golden" / "official"
@@ -164,3 +165,20 @@ def test_official_checkpoint_round_trips_exactly(converted, tmp_path):
         np.testing.assert_array_equal(after[name], value, err_msg=name)
     for name in convert.CONFIG_FILES:
         assert json.loads((out / name).read_text()) == json.loads((CKPT / name).read_text()), name
+
+
+@pytest.mark.parametrize("case", ["recon", "perturbed8"])
+def test_pose_metrics_match_the_official_metric_code(ref, case):
+    """The evaluator's pose metrics against the official modeling/g2vlm/metric.py (camera_to_rel_deg +
+    calculate_auc_np): the same pairs (i < j) in the same order, per-pair errors to float32 accuracy, the
+    same AUC. (The official torch `calculate_auc` bins 31 x 30/31 degrees and gives other values; the
+    VGGT-style evaluation reports the numpy one, 1-degree bins.)"""
+    pred, gt = ref[f"metric_{case}_pred_c2w"], ref[f"metric_{case}_gt_c2w"]
+    r_err, t_err = pose.pose_errors(pred, gt)
+    np.testing.assert_allclose(r_err, ref[f"metric_{case}_r_error"], atol=1e-3)
+    np.testing.assert_allclose(t_err, ref[f"metric_{case}_t_error"], atol=1e-3)
+    got = pose.relative_pose_metrics(pred, gt)
+    for tau in (5, 15, 30):
+        assert got[f"auc@{tau}"] == pytest.approx(100 * float(ref[f"metric_{case}_auc_np_{tau}"]), abs=1e-4)
+    if case == "perturbed8":
+        assert 0 < got["auc@30"] < 100 and len(r_err) == 28  # errors span the thresholds: a real comparison

@@ -76,6 +76,28 @@ Keys of reference.npz (float32 unless noted; int64 ids; strings as 0-d unicode a
     loss_pred_local_points, loss_pred_global_points [B,N,H,W,3], loss_pred_camera_poses [B,N,4,4]
     loss_{total,local_pts_loss,normal_loss,global_pts_loss,trans_loss,rot_loss,scale[B]}  as shipped
       (GT scale factor cast to bfloat16), and the same with suffix _fp32gt (that cast made float32).
+  metric_{case}_* (modeling/g2vlm/metric.py, the VGGSfM/VGGT relative-pose metric, called as its evaluation
+         calls it, float32 torch on CPU, batch_size=1). camera_to_rel_deg takes PyTorch3D cameras (pytorch3d
+         is not installed: a stand-in object returns the matrices from get_world_to_view_transform().get_matrix()).
+         Our OpenCV c2w poses become w2c extrinsics [R|t] = inv(c2w) (float64), then PyTorch3D's row-vector
+         world-to-view matrices as pytorch3d's cameras_from_opencv_projection makes them: [[R^T F, 0], [t^T F, 1]],
+         F = diag(-1, -1, 1) (x/y axes flipped; no angle changes), cast to float32.
+    case recon:      pred = recon_camera_poses[0], GT = condition.npz poses of the recon views (meta_image_files
+                     0,2,4.png -> views 0, 2, 4).
+    case perturbed8: GT = all 8 condition.npz poses; pred = GT with per-view rotation noise (angle 15 deg * u^2,
+                     u ~ U(0,1), random axis) and centre noise (0.2 * u^2 * N(0, I)), then a global similarity
+                     (random rotation of 30-150 deg, scale 2.5, translation N(0, I)); rng = default_rng(SEED + 2).
+                     Errors span ~2-23 deg with one pair at ~67 deg (outside every AUC range).
+    metric_{case}_pred_c2w, metric_{case}_gt_c2w [V,4,4]   the inputs (c2w, OpenCV)
+    metric_{case}_pair_i, metric_{case}_pair_j [P] int64    batched_all_pairs(1, V): all i < j in
+                     torch.combinations order (0,1), (0,2), ..., (V-2,V-1), P = V(V-1)/2
+    metric_{case}_r_error, metric_{case}_t_error [P]        camera_to_rel_deg's per-pair degrees (relative pose
+                     inv(M_i) @ M_j, i.e. camera i -> camera j; t error folded to [0, 90] by the squared cosine)
+    metric_{case}_auc_np_{5,15,30} (float64)  calculate_auc_np(r, t, max_threshold) (a fraction, not percent;
+                     np.histogram with edges 0..tau, tau bins of 1 deg)
+    metric_{case}_auc_torch_{5,15,30}         calculate_auc(r, t, max_threshold) (torch.histc with tau + 1 bins
+                     over [0, tau], bins of tau/(tau+1) deg, mean over tau + 1 cumulative values)
+    metric_{case}_hist_np_30 [30] (float64), metric_{case}_hist_torch_30 [31]   their normalised histograms
 """
 from __future__ import annotations
 
@@ -562,6 +584,13 @@ def cmd_run(args) -> None:
     # ---- loss ----
     rec.update(loss_reference(loss_mod, f32, args.loss_size))
 
+    # ---- pose metrics ----
+    import modeling.g2vlm.metric as metric_mod
+    gt_poses = np.load(FIXTURES / "condition.npz")["poses"].astype(np.float32)
+    recon_views = [int(pathlib.Path(n).stem) for n in str(rec["meta_image_files"]).split(",")]
+    rec.update(metrics_reference(metric_mod, "recon", rec["recon_camera_poses"][0], gt_poses[recon_views]))
+    rec.update(metrics_reference(metric_mod, "perturbed8", perturbed_poses(gt_poses), gt_poses))
+
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **rec)
@@ -690,6 +719,71 @@ def loss_reference(loss_mod, f32, size, stride=2) -> dict:
             rec[f"loss_{k}{suffix}"] = np.asarray(float(v), np.float32)
         rec[f"loss_scale{suffix}"] = scales[0].numpy().astype(np.float32)
     return rec
+
+
+class _P3DCameras:
+    """Stand-in for a pytorch3d cameras batch: only what metric.camera_to_rel_deg calls."""
+
+    def __init__(self, world_to_view):
+        self._m = world_to_view
+
+    def get_world_to_view_transform(self):
+        return self
+
+    def get_matrix(self):
+        return self._m
+
+
+def _p3d_cameras(c2w):
+    """OpenCV c2w [V,4,4] -> PyTorch3D world-to-view matrices (row vectors), as cameras_from_opencv_projection."""
+    import numpy as np
+    import torch
+
+    c2w = np.asarray(c2w, np.float64)
+    flip = np.diag([-1.0, -1.0, 1.0])
+    r_w2c = np.swapaxes(c2w[:, :3, :3], 1, 2)
+    t_w2c = -np.einsum("vij,vj->vi", r_w2c, c2w[:, :3, 3])
+    m = np.zeros_like(c2w)
+    m[:, :3, :3] = np.swapaxes(r_w2c, 1, 2) @ flip  # pytorch3d R = R_w2c^T, columns 0/1 negated
+    m[:, 3, :3] = t_w2c @ flip                      # pytorch3d T = t_w2c, entries 0/1 negated
+    m[:, 3, 3] = 1.0
+    return _P3DCameras(torch.tensor(m, dtype=torch.float32))
+
+
+def perturbed_poses(gt_c2w):
+    """GT c2w [V,4,4] -> seeded noisy copy in another similarity frame (float32); see the metric_ keys."""
+    import numpy as np
+
+    rng = np.random.default_rng(SEED + 2)
+    gt = np.asarray(gt_c2w, np.float64)
+    pred = gt.copy()
+    for v in range(len(gt)):
+        pred[v, :3, :3] = _rot(rng, np.deg2rad(15.0 * rng.uniform() ** 2)) @ gt[v, :3, :3]
+        pred[v, :3, 3] = gt[v, :3, 3] + 0.2 * rng.uniform() ** 2 * rng.standard_normal(3)
+    rot = _rot(rng, np.deg2rad(rng.uniform(30.0, 150.0)))
+    scale, shift = 2.5, rng.standard_normal(3)
+    pred[:, :3, :3] = rot @ pred[:, :3, :3]
+    pred[:, :3, 3] = scale * pred[:, :3, 3] @ rot.T + shift
+    return pred.astype(np.float32)
+
+
+def metrics_reference(metric_mod, case, pred_c2w, gt_c2w) -> dict:
+    """The official relative-pose errors and AUCs of pred vs GT c2w poses (metric_{case}_* keys)."""
+    import numpy as np
+
+    pred_c2w, gt_c2w = np.asarray(pred_c2w, np.float32), np.asarray(gt_c2w, np.float32)
+    r_err, t_err = metric_mod.camera_to_rel_deg(_p3d_cameras(pred_c2w), _p3d_cameras(gt_c2w), "cpu", 1)
+    pair_i, pair_j = metric_mod.batched_all_pairs(1, len(gt_c2w))  # the pairs camera_to_rel_deg takes
+    rec = {"pred_c2w": pred_c2w, "gt_c2w": gt_c2w, "pair_i": pair_i.numpy().astype(np.int64),
+           "pair_j": pair_j.numpy().astype(np.int64), "r_error": r_err.numpy(), "t_error": t_err.numpy()}
+    for tau in (5, 15, 30):
+        auc_np, hist_np = metric_mod.calculate_auc_np(r_err.numpy(), t_err.numpy(), max_threshold=tau)
+        auc_t, hist_t = metric_mod.calculate_auc(r_err, t_err, max_threshold=tau, return_list=True)
+        rec[f"auc_np_{tau}"] = np.asarray(auc_np, np.float64)
+        rec[f"auc_torch_{tau}"] = auc_t.numpy()
+        if tau == 30:
+            rec["hist_np_30"], rec["hist_torch_30"] = np.asarray(hist_np, np.float64), hist_t.numpy()
+    return {f"metric_{case}_{k}": v for k, v in rec.items()}
 
 
 def main() -> None:
