@@ -23,6 +23,7 @@ from data_pipelines.builders.npz_scenes import NpzScenes, NpzScenesConfig
 from data_pipelines.builders.scannet import ScannetConfig, ScannetScenes
 from data_pipelines.builders.spar import SparQa, SparQaConfig
 from data_pipelines.builders.vqa import VqaConfig, VqaSamples
+from g2vlm_jax.outputs import prepare_output_dir
 
 log = logging.getLogger(__name__)
 WARN_REPROJECTION = 0.03  # median relative error above which the geometry is suspect (correct data: < 1.5 %)
@@ -169,6 +170,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> ConvertResult:
     """`g2vlm convert-data LAYOUT SRC OUT_DIR [options]`; prints and returns the ConvertResult."""
     args = _parser().parse_args(argv)
+    prepare_output_dir(args.out_dir, "OUT_DIR")
     if args.layout == "vqa":
         result = convert_vqa(args.jsonl, args.out_dir, name=args.name, split=args.split, image_root=args.image_root,
                              dataset=args.dataset, overwrite=args.overwrite)

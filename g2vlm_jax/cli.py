@@ -17,6 +17,7 @@ import os
 import sys
 
 from g2vlm_jax import config as config_lib
+from g2vlm_jax.outputs import prepare_output_dir
 from g2vlm_jax import peer_watch
 
 PEER_FAILURE_EXIT_CODE = peer_watch.EXIT_CODE  # a multi-process run lost a peer
@@ -88,14 +89,17 @@ def cmd_train(args) -> int:
     from g2vlm_jax.training import loop
 
     cfg = _load(args)
+    prepare_output_dir(cfg.run_dir, "--workdir")
     try:
-        result = loop.train(cfg, evaluate=evaluation.training_hook(cfg))
+        result = loop.train(cfg, evaluate=evaluation.training_hook(cfg), allow_config_change=args.allow_config_change)
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
             raise
         peer_watch.stop_after_peer_failure(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+    if result.start_step >= cfg.optim.total_steps and result.eval_report is None:
+        return 0  # nothing was left to do; the trainer said where the run's report is
     if result.preempted:
-        print(f"stopped by SIGTERM at step {result.final_step} of {cfg.optim.total_steps}; the checkpoint is saved: "
+        print(f"stopped by {result.stop_signal} at step {result.final_step} of {cfg.optim.total_steps}; the checkpoint is saved: "
               f"run the same command to resume (run directory {result.workdir})")
     else:
         print(f"finished at step {result.final_step}; run directory {result.workdir}")
@@ -140,6 +144,7 @@ def cmd_reconstruct(args) -> int:
     if args.width is not None and args.width < 14:
         raise ValueError(f"--width {args.width}: the frame width must be at least 14 pixels (one patch); omit it "
                          "for the experiment's width")
+    prepare_output_dir(args.out, "--out")  # before the model is loaded and the images are run
     cfg, model = load.load_model(args.checkpoint, args.overrides)
     width = args.width or cfg.data.image_size[1]
     cameras = reconstruct.reconstruct(model, load_tokenizer(cfg.data.tokenizer), args.images, args.out, width=width,
@@ -169,6 +174,7 @@ def cmd_export(args) -> int:
     from g2vlm_jax import export
 
     experiment = _load(args) if args.experiment else None
+    prepare_output_dir(args.out, "--out")
     out = export.export(args.checkpoint, args.out, dtype=args.dtype, official=args.official, experiment=experiment)
     print(f"wrote params-only checkpoint {out}" + (f" and the official layout in {out / 'official'}" if args.official else ""))
     return 0
@@ -180,6 +186,7 @@ def cmd_convert(args) -> int:
     if args.to_official != bool(args.checkpoint):
         raise ValueError("--checkpoint DIR goes with --to-official (ours -> official); "
                          "--official CKPT_DIR takes no --checkpoint")
+    prepare_output_dir(args.out, "--out")
     if args.to_official:
         out = export.export_official(args.checkpoint, args.out, dtype=args.dtype)
         print(f"converted {args.checkpoint} -> {out} (official layout: model.safetensors + config JSONs)")
@@ -201,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train an experiment (resumes from its run directory)")
     _experiment_args(p)
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="continue a run whose checkpoint was written with another config (refused otherwise)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on the held-out split (report + pictures)")
     _experiment_args(p)

@@ -544,6 +544,30 @@ def _from_json(value: Any, hint: Any) -> Any:
     return value
 
 
+# Fields a resumed run may change freely: where and how it runs and saves, not what it computes (a
+# resume is exact whatever the mesh or checkpoint schedule; `checkpoint.init_from` only acts at step 0).
+RESUME_FREE_FIELDS = ("mesh.", "data.num_workers", "checkpoint.", "workdir", "log_every", "profile_steps")
+
+
+def flat_dict(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested `to_dict` dict -> {'section.field': value} (lists kept whole)."""
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out = {}
+    for k, v in d.items():
+        out.update(flat_dict(v, f"{prefix}{k}."))
+    return out
+
+
+def resume_changes(stored: dict, cfg: ExperimentConfig) -> list[tuple[str, Any, Any]]:
+    """(field, stored value, new value) for every field of `cfg` that differs from the `to_dict` config
+    a run was written with, leaving out RESUME_FREE_FIELDS and fields added to the code since (absent
+    from `stored`)."""
+    old, new = flat_dict(stored), flat_dict(to_dict(cfg))
+    return [(k, old[k], new.get(k)) for k in sorted(old)
+            if old[k] != new.get(k) and not any(k == f or k.startswith(f) for f in RESUME_FREE_FIELDS)]
+
+
 def model_fingerprint(model: ModelConfig) -> str:
     """A stable string of the shape-defining model fields (checkpoint compatibility check)."""
     d = to_dict(model)

@@ -86,3 +86,23 @@ def test_bad_inference_arguments_are_one_line(tiny_trained_run, capsys):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, (argv, err)
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    """An --out / --workdir / OUT_DIR that is a file, or under one, is one line naming the option, exit 2,
+    through the real entry point, before a model is loaded or an image is read."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    cases = [
+        (["train", "--experiment", TINY, "--workdir", f"{a_file}/run"], f"--workdir {a_file}/run cannot be created"),
+        (["reconstruct", "--checkpoint", str(tmp_path / "no_run"), "--images", str(tmp_path), "--out", str(a_file)],
+         f"--out {a_file} is a file, not a directory"),
+        (["export", "--checkpoint", str(tmp_path / "no_run"), "--out", str(a_file)], f"--out {a_file} is a file"),
+        (["convert", "--official", str(tmp_path / "no_release"), "--out", f"{a_file}/x"], f"--out {a_file}/x cannot be"),
+        (["convert-data", "npz", str(tmp_path), str(a_file)], f"OUT_DIR {a_file} is a file"),
+    ]
+    for argv, message in cases:
+        out = subprocess.run([sys.executable, "-m", "g2vlm_jax.cli", *argv], capture_output=True, text=True,
+                             cwd=str(ROOT), timeout=300)
+        assert out.returncode == 2, (argv, out.stderr[-1500:])
+        assert "Traceback" not in out.stderr and message in _last_line(out.stderr), (argv, out.stderr[-800:])

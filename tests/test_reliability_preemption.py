@@ -90,17 +90,20 @@ def _assert_newest_checkpoint_is_complete(workdir, cfg) -> int:
     return newest
 
 
-def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, reference, capsys):
-    proc = _start(tmp_path, every=100)  # no scheduled save before the end: only SIGTERM saves
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, reference, capsys, sig):
+    """SIGTERM (preemption) and Ctrl-C (SIGINT) alike: a checkpoint at the step boundary, one line, resumable."""
+    proc = _start(tmp_path, every=100)  # no scheduled save before the end: only the signal saves
     assert _wait_for_steps(proc, tmp_path, 2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(timeout=120) == 0
     log = (tmp_path / "train.log").read_text()
     manager = ckpt_lib.make_manager(tmp_path / "checkpoints", C.CheckpointConfig(), read_only=True)
     saved = manager.latest_step()
     assert saved is not None and 3 <= saved < TOTAL, log[-2000:]
-    assert f"stopped by SIGTERM at step {saved} of {TOTAL}; the checkpoint is saved: run the same command to resume" \
+    assert f"stopped by {sig.name} at step {saved} of {TOTAL}; the checkpoint is saved: run the same command to resume" \
         in log.splitlines()[-1]
+    assert "KeyboardInterrupt" not in log and "Traceback" not in log
     resumed = loop.train(_cfg(tmp_path, every=2), run_final_eval=False)
     assert resumed.start_step == saved and resumed.final_step == TOTAL
     assert f"resumed from step {saved} of {TOTAL}" in capsys.readouterr().out

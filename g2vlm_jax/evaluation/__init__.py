@@ -4,7 +4,8 @@
 - `spatial_qa` (evaluation/spatial_qa.py): greedy answers from the chat decoder scored by MRA
   (numeric) and option-letter accuracy (multiple choice), per task family.
 
-Output: `<workdir>/eval/report.json` (+ `report_step<N>.json` during training), TensorBoard scalars
+Output: `<workdir>/eval/report.json` (+ `report_step<N>.json` per evaluation; a second evaluation of
+the same step writes `report_step<N>.2.json`, never over an earlier report), TensorBoard scalars
 through the trainer's logger, pictures a person wants to look at (evaluation/pictures.py), and
 every spatial-QA answer with its question, reference and score (`spatial_qa_answers_step<N>.jsonl`).
 
@@ -57,20 +58,30 @@ def run_evaluators(spec, cfg: config_lib.ExperimentConfig, state, workdir: pathl
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
     report = {"experiment": cfg.name, "step": step, "split": cfg.data.eval_split}
+    tag = _fresh_tag(out_dir, step) if writer else ""
     for name in cfg.eval.evaluators:
         evaluator = EVALUATORS[name]
         report[name], examples = evaluator.run(spec, cfg, state, num_batches=cfg.eval.num_batches)
         if writer and evaluator.answers:
-            (out_dir / f"{evaluator.answers}_step{step}.jsonl").write_text(
+            (out_dir / f"{evaluator.answers}_step{step}{tag}.jsonl").write_text(
                 "".join(json.dumps(e, sort_keys=True, default=float) + "\n" for e in examples))
         if write_pictures:
             report[name]["pictures"] = evaluator.draw(report[name], examples, out_dir)
     if writer:
         text = json.dumps(report, indent=1, sort_keys=True, default=float)
-        (out_dir / f"report_step{step}.json").write_text(text)
+        (out_dir / f"report_step{step}{tag}.json").write_text(text)
         if write_pictures:
-            (out_dir / "report.json").write_text(text)
+            (out_dir / "report.json").write_text(text)  # the newest final report (each is also kept by step)
     return report
+
+
+def _fresh_tag(out_dir: pathlib.Path, step: int) -> str:
+    """'' for the first evaluation of `step`, '.2', '.3', ... for later ones: a report is never overwritten."""
+    tag, k = "", 1
+    while (out_dir / f"report_step{step}{tag}.json").exists():
+        k += 1
+        tag = f".{k}"
+    return tag
 
 
 def _open(cfg: config_lib.ExperimentConfig, run_dir: str | pathlib.Path) -> ckpt_lib.CheckpointFolder:

@@ -46,13 +46,15 @@ class TrainResult:
     final_step: int
     last_metrics: dict
     eval_report: dict | None
-    preempted: bool
+    preempted: bool  # stopped early by a signal (`stop_signal`), checkpoint saved
     spec: state_lib.StateSpec
     state: state_lib.TrainState
+    stop_signal: str = ""  # with `preempted`: 'SIGTERM' or 'SIGINT' (a peer's SIGTERM reads as SIGTERM)
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM into a flag checked between steps (a save, then a clean exit).
+    """Turns SIGTERM and Ctrl-C (SIGINT) into a flag checked between steps (a save, then a clean exit).
+    A second Ctrl-C interrupts at once (the previous handler is back after the first).
 
     One process checks its flag after every step. The processes of a multi-process run must stop
     (and save, a collective) at the same step, so they agree by an all-gather of their flags, but
@@ -63,12 +65,18 @@ class PreemptionWatcher:
     def __init__(self, enabled: bool, check_every: int = 1):
         self.requested = threading.Event()
         self.check_every = check_every
-        self._previous = None
+        self.signal_name = ""  # the signal that asked to stop ('SIGTERM' / 'SIGINT')
+        self._previous: dict = {}
         if enabled and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: checkpointing at the next step boundary, then exiting")
+        self.signal_name = signal.Signals(signum).name
+        how = " (Ctrl-C again to interrupt without saving)" if signum == signal.SIGINT else ""
+        logging.warning("%s received: checkpointing at the next step boundary, then exiting%s", self.signal_name, how)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
         self.requested.set()
 
     def should_stop(self, step: int) -> bool:
@@ -83,16 +91,20 @@ class PreemptionWatcher:
         return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
 
     def close(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
 def train(cfg: config_lib.ExperimentConfig, *, evaluate: EvaluateHook | None = None,
-          stop_after_steps: int | None = None, run_final_eval: bool = True) -> TrainResult:
+          stop_after_steps: int | None = None, run_final_eval: bool = True,
+          allow_config_change: bool = False) -> TrainResult:
     """Trains `cfg` until `optim.total_steps` (or `stop_after_steps` more steps), resuming if possible.
 
     `evaluate` runs at step 0, every `eval.every_steps` and at the end (`run_final_eval`); without
-    it the run trains only.
+    it the run trains only. A resume whose config differs from the checkpoint's (beyond
+    `config.RESUME_FREE_FIELDS`) is refused unless `allow_config_change`. A finished run is not
+    evaluated again when its final report exists.
     """
     workdir = cfg.run_dir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +124,7 @@ def train(cfg: config_lib.ExperimentConfig, *, evaluate: EvaluateHook | None = N
     restored = ckpt_lib.restore_latest(manager, state, shardings, cfg, set_aside_unreadable=True)
     if restored is not None:
         start_step, state, data_state = restored
+        _check_resume_config(manager, start_step, cfg, allow_config_change)
         train_iter.set_state(data_state)
         if jax.process_index() == 0:  # on the console: a restart says where it picks up
             print(f"resumed from step {start_step} of {cfg.optim.total_steps} ({cfg.checkpoint_dir})", flush=True)
@@ -167,12 +180,33 @@ def train(cfg: config_lib.ExperimentConfig, *, evaluate: EvaluateHook | None = N
 
     # ---- Final evaluation --------------------------------------------------------------------
     report = None
-    if evaluate and run_final_eval and not preempted and step >= cfg.optim.total_steps:
+    finished_before = start_step >= cfg.optim.total_steps and (workdir / "eval" / f"report_step{step}.json").exists()
+    if finished_before and jax.process_index() == 0:
+        print(f"the run had already finished at step {start_step}; its report is "
+              f"{workdir / 'eval' / f'report_step{step}.json'} (g2vlm eval evaluates again)", flush=True)
+    if evaluate and run_final_eval and not preempted and step >= cfg.optim.total_steps and not finished_before:
         report = _evaluate(evaluate, spec, state, logger, step, final=True)
     logger.close()
     manager.close()
     return TrainResult(workdir=workdir, start_step=start_step, final_step=step, last_metrics=last_metrics, eval_report=report,
-                       preempted=preempted, spec=spec, state=state)
+                       preempted=preempted, spec=spec, state=state, stop_signal=watcher.signal_name or "SIGTERM")
+
+
+def _check_resume_config(manager, step: int, cfg: config_lib.ExperimentConfig, allow: bool) -> None:
+    """Refuses (ConfigError, one line) to continue a run with a config other than the one it was written with."""
+    stored = ckpt_lib.read_metadata(manager, step).get("config")
+    changes = config_lib.resume_changes(stored, cfg) if stored is not None else []
+    if not changes:
+        return
+    shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes[:6])
+    shown += f"; ... ({len(changes)} fields)" if len(changes) > 6 else ""
+    if allow:
+        logging.warning("resuming step %d of %s with a changed config (--allow-config-change): %s", step,
+                        manager.directory, shown)
+        return
+    raise config_lib.ConfigError(
+        f"{manager.directory} holds a run written with another config ({shown}); run the command it was started "
+        "with, pick another --workdir, or pass --allow-config-change to continue it with this config")
 
 
 def _toggle_profiler(cfg: config_lib.ExperimentConfig, step: int, tracing: bool, workdir: pathlib.Path,

@@ -1,0 +1,75 @@
+"""Re-running into an existing run directory (issue #21 item 1), through the real `g2vlm` entry point.
+
+The rule (README, "Training, checkpoints, evaluation"): a run continues only with the config it was
+written with (where and how it runs may change: mesh, workers, checkpoint directory, logging); another
+config is refused in one line naming the differing fields, unless `--allow-config-change`. A finished
+run is not evaluated or logged again, and no evaluation ever overwrites an earlier report.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENT = str(ROOT / "experiments/tiny_synthetic.py:test")
+
+
+def _g2vlm(*args, timeout=600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "g2vlm_jax.cli", *args], env=env, cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("rerun")
+    done = _g2vlm("train", "--experiment", EXPERIMENT, "--workdir", str(workdir))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "finished at step 6" in done.stdout
+    return workdir
+
+
+def _snapshot(workdir: pathlib.Path) -> dict:
+    files = [workdir / "metrics.jsonl", *sorted((workdir / "eval").glob("report*.json"))]
+    return {f.name: f.read_bytes() for f in files}
+
+
+def test_rerunning_a_finished_run_changes_nothing(finished):
+    before = _snapshot(finished)
+    again = _g2vlm("train", "--experiment", EXPERIMENT, "--workdir", str(finished))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from step 6 of 6" in again.stdout
+    assert f"already finished at step 6; its report is {finished / 'eval' / 'report_step6.json'}" in again.stdout
+    assert _snapshot(finished) == before  # no second evaluation, no metrics appended
+
+
+def test_another_config_is_refused_naming_the_fields(finished):
+    before = _snapshot(finished)
+    changed = _g2vlm("train", "--experiment", EXPERIMENT, "--workdir", str(finished),
+                     "--set", "data.packs_per_step=4", "--set", "optim.learning_rate=0.001")
+    assert changed.returncode == 2
+    lines = changed.stderr.strip().splitlines()
+    assert lines[-1].startswith("g2vlm train: ") and "Traceback" not in changed.stderr
+    assert "holds a run written with another config (data.packs_per_step: 2 -> 4; optim.learning_rate:" in lines[-1]
+    assert "--allow-config-change" in lines[-1]
+    assert _snapshot(finished) == before
+    # Where and how it runs may change: the log period is not part of what the run computes.
+    moved = _g2vlm("train", "--experiment", EXPERIMENT, "--workdir", str(finished), "--set", "log_every=2")
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    # The explicit flag continues it (here: nothing left to train, so nothing is written either).
+    allowed = _g2vlm("train", "--experiment", EXPERIMENT, "--workdir", str(finished), "--set", "data.packs_per_step=4",
+                     "--allow-config-change")
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert _snapshot(finished) == before
+
+
+def test_evaluating_again_writes_a_new_report(finished):
+    first = (finished / "eval" / "report_step6.json").read_bytes()
+    result = _g2vlm("eval", "--experiment", EXPERIMENT, "--checkpoint", str(finished))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (finished / "eval" / "report_step6.json").read_bytes() == first
+    second = json.loads((finished / "eval" / "report_step6.2.json").read_text())
+    assert second["step"] == 6 and second["reconstruction"]["num_samples"] > 0
