@@ -2,6 +2,9 @@
 jsonl rows, written in their real file formats, converted to ArrayRecord and read back."""
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import pathlib
 
 import numpy as np
@@ -209,3 +212,27 @@ def test_spar_missing_image_is_a_setup_error(tmp_path):
     (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         convert.convert_spar_qa(tmp_path / "rows.jsonl", tmp_path / "out")
+
+
+@pytest.mark.parametrize("case", ["nan", "negative", "text"])
+def test_npz_depth_without_values_and_non_npz_files_are_named(tmp_path, case):
+    """`g2vlm convert-data npz` (the real entry point) on a scene whose depth has no usable value, or whose
+    condition.npz is a text file: one line naming the file and the fix, exit 2, nothing written."""
+    scene = render_scene("train", 3, RenderConfig(height=21, width=28, num_views=3)).scene
+    if case == "nan":
+        scene = dataclasses.replace(scene, depth=np.where(np.arange(3)[:, None, None] == 1, np.nan, scene.depth))
+    if case == "negative":
+        scene = dataclasses.replace(scene, depth=-scene.depth)
+    _write_npz_scene(tmp_path / "src" / "room", scene)
+    if case == "text":
+        (tmp_path / "src" / "room" / "condition.npz").write_text("depths: see the csv files\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "g2vlm_jax.cli", "convert-data", "npz", str(tmp_path / "src"),
+                          str(tmp_path / "out"), "--name", "room"], capture_output=True, text=True, env=env,
+                         cwd=str(ROOT), timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr and "condition.npz" in line
+    assert {"nan": "depth of view(s) [1] has only NaN/inf", "negative": "depth of view(s) [0, 1, 2] has no positive",
+            "text": "is not a .npz archive"}[case] in line
+    assert not list((tmp_path / "out").rglob("*.array_record*"))  # nothing half written

@@ -143,3 +143,16 @@ def test_eval_command_on_a_params_only_checkpoint(tiny_trained_run, tmp_path):
                                               tiny_trained_run)["reconstruction"]
     assert from_params["num_samples"] == from_run["num_samples"] > 0
     assert from_params["vg_loss"] == pytest.approx(from_run["vg_loss"], rel=1e-6)
+
+
+def test_images_of_another_aspect_ratio_are_named(tmp_path, caplog):
+    """Every image takes the first one's size (the official loader's rule); one of another aspect ratio is
+    stretched, which the user is told, naming it."""
+    from PIL import Image
+
+    for name, size in (("0.png", (80, 60)), ("1.png", (160, 120)), ("2.png", (60, 80))):
+        Image.new("RGB", size, (120, 30, 200)).save(tmp_path / name)
+    with caplog.at_level("WARNING"):
+        images = reconstruct.load_images(reconstruct.list_images(tmp_path), 56)
+    assert images.shape == (3, 42, 56, 3)
+    assert "1 of 3 images have another aspect ratio than the first (0.png 80x60), e.g. 2.png 60x80" in caplog.text

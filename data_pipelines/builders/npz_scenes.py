@@ -53,6 +53,11 @@ def read_npz_scene(scene_dir: str | pathlib.Path, *, dataset: str = "npz", z_far
     """Reads one scene folder (layout in the module docstring) into a Scene; ValueError names what is wrong."""
     scene_dir = pathlib.Path(scene_dir)
     path = scene_dir / "condition.npz"
+    with open(path, "rb") as f:  # an .npz is a zip archive; anything else would reach numpy's pickle branch
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        raise ValueError(f"{path} is not a .npz archive (it starts with {head!r}, not a zip header); write it with "
+                         "numpy.savez(depths=..., poses=..., intrinsics=...)")
     try:
         # Never unpickle: an npz holding object arrays (pickles) can run code when loaded.
         with np.load(path, allow_pickle=False) as npz:
@@ -73,6 +78,13 @@ def read_npz_scene(scene_dir: str | pathlib.Path, *, dataset: str = "npz", z_far
     if depth.ndim != 3 or c2w.shape != (len(depth), 4, 4):
         raise ValueError(f"{scene_dir}/condition.npz: depths {depth.shape} must be [V, H, W] and poses "
                          f"{c2w.shape} [V, 4, 4]")
+    usable = np.isfinite(depth) & (depth > 0)
+    empty = [i for i in range(len(depth)) if not usable[i].any()]
+    if empty:
+        found = ("only NaN/inf" if not np.isfinite(depth[empty[0]]).any() else
+                 f"no positive value (max {float(np.nanmax(depth[empty[0]])):g})")
+        raise ValueError(f"{path}: depth of view(s) {empty} has {found}; depths are metres > 0 (0 or NaN only where "
+                         "unknown): check the units and sign of the depth maps")
     if intrinsics.shape == (3, 3):
         intrinsics = np.repeat(intrinsics[None], len(depth), axis=0)
     if intrinsics.shape != (len(depth), 3, 3):

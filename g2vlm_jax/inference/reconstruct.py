@@ -52,7 +52,7 @@ def list_images(folder: str | pathlib.Path) -> list[pathlib.Path]:
 
 def load_images(files: list[pathlib.Path], width: int) -> np.ndarray:
     """Images resized as the official loader does (module docstring) -> uint8[V, H, W, 3]."""
-    out, size = [], None
+    out, size, first, stretched = [], None, None, []
     for f in files:
         try:
             img = Image.open(f)
@@ -63,7 +63,15 @@ def load_images(files: list[pathlib.Path], width: int) -> np.ndarray:
         if size is None:
             w = max(14, width // 14 * 14)
             size = (w, max(14, round(img.height * w / img.width / 14) * 14))
+            first = (f.name, img.width, img.height)
+        elif abs(img.width * first[2] - img.height * first[1]) > 0.01 * first[1] * img.height:
+            stretched.append(f"{f.name} {img.width}x{img.height}")
         out.append(np.asarray(img.resize(size, Image.LANCZOS)))
+    if stretched:
+        logging.warning("%d of %d images have another aspect ratio than the first (%s %dx%d), e.g. %s; all are "
+                        "resized to %dx%d as the official loader does, which stretches them: crop them to one "
+                        "aspect ratio for undistorted geometry", len(stretched), len(files), *first,
+                        ", ".join(stretched[:3]), *size)
     return np.stack(out)
 
 
