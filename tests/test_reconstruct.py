@@ -3,6 +3,7 @@ import json
 import pathlib
 
 import numpy as np
+from matplotlib import colormaps
 import pytest
 import trimesh
 from PIL import Image
@@ -49,6 +50,15 @@ def test_oracle_geometry_through_the_writer_matches_the_fixture(room, tmp_path):
         np.testing.assert_array_equal(png, np.round(np.where(valid[i], depth[i], 0) * 1000).astype(np.uint16))
         np.testing.assert_allclose(np.load(tmp_path / "depth" / f"{i:04d}.npy"), np.where(valid[i], depth[i], 0),
                                    atol=1e-6)
+        # The viewable preview: RGB, black where there is no depth, the nearest pixel at the colour map's
+        # near end and the farthest at its far end (one scale for the scene: 2nd-98th percentile).
+        preview = np.asarray(Image.open(tmp_path / "depth" / f"{i:04d}_preview.png"))
+        assert preview.shape == depth[i].shape + (3,) and not preview[~valid[i]].any()
+        assert len(np.unique(preview[valid[i]].reshape(-1, 3), axis=0)) > 20  # a real gradient, not a flat image
+    ends = (np.asarray(colormaps["turbo"]([0.0, 1.0]))[:, :3] * 255).round()
+    for end, pixel in zip(ends, (np.argmin(np.where(valid, depth, np.inf)), np.argmax(np.where(valid, depth, -np.inf)))):
+        v, y, x = np.unravel_index(pixel, depth.shape)
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "depth" / f"{v:04d}_preview.png"))[y, x], end)
     scene = trimesh.load(tmp_path / "scene.glb")
     clouds = [g for g in scene.geometry.values() if isinstance(g, trimesh.PointCloud)]
     assert len(clouds) == 1 and len(clouds[0].vertices) == len(points)

@@ -73,3 +73,33 @@ def test_evaluating_again_writes_a_new_report(finished):
     assert (finished / "eval" / "report_step6.json").read_bytes() == first
     second = json.loads((finished / "eval" / "report_step6.2.json").read_text())
     assert second["step"] == 6 and second["reconstruction"]["num_samples"] > 0
+
+
+def _tensorboard_events(workdir: pathlib.Path) -> list:
+    """Every Event of the run's TensorBoard files (TFRecord framing: length, crc, payload, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+            offset += 12 + length + 4
+    return events
+
+
+def test_the_run_logs_what_a_user_reads(finished):
+    """metrics.jsonl eval rows carry their step; TensorBoard tags are not doubled and the evaluation's
+    pictures are there too (issue #21 item 10)."""
+    rows = [json.loads(line) for line in (finished / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert evals and all(r["step"] == 6 for r in evals)
+    values = [v for e in _tensorboard_events(finished) for v in e.summary.value]
+    tags = {v.tag for v in values}
+    assert "eval/reconstruction/vg_loss" in tags and "train/loss" in tags
+    assert not any(t.startswith("eval/eval/") for t in tags)
+    images = {v.tag for v in values if v.HasField("image")}
+    assert {"eval/depth_0", "eval/trajectory_0"} <= images

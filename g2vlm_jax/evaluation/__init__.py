@@ -29,7 +29,7 @@ from g2vlm_jax.evaluation import pictures, reconstruction, spatial_qa
 
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
-    """run(spec, cfg, state, num_batches=) -> (report, examples); draw(report, examples, out_dir) -> picture
+    """run(spec, cfg, state, num_batches=) -> (report, examples); draw(report, examples, out_dir, step) -> picture
     names; `answers`: when set, every example is written as one JSON line to eval/<answers>_step<N>.jsonl."""
 
     run: Callable
@@ -39,8 +39,9 @@ class Evaluator:
 
 EVALUATORS: dict[str, Evaluator] = {
     "reconstruction": Evaluator(reconstruction.run_reconstruction,
-                                lambda report, examples, out: pictures.reconstruction_pictures(examples, out)),
-    "spatial_qa": Evaluator(spatial_qa.run_spatial_qa, lambda report, examples, out: pictures.accuracy_table(report, out),
+                                lambda report, examples, out, step: pictures.reconstruction_pictures(examples, out, step)),
+    "spatial_qa": Evaluator(spatial_qa.run_spatial_qa,
+                            lambda report, examples, out, step: pictures.accuracy_table(report, out, step),
                             answers="spatial_qa_answers"),
 }
 assert tuple(EVALUATORS) == config_lib.EVALUATORS, "every evaluator the config accepts has an implementation"
@@ -66,7 +67,7 @@ def run_evaluators(spec, cfg: config_lib.ExperimentConfig, state, workdir: pathl
             (out_dir / f"{evaluator.answers}_step{step}{tag}.jsonl").write_text(
                 "".join(json.dumps(e, sort_keys=True, default=float) + "\n" for e in examples))
         if write_pictures:
-            report[name]["pictures"] = evaluator.draw(report[name], examples, out_dir)
+            report[name]["pictures"] = evaluator.draw(report[name], examples, out_dir, step)
     if writer:
         text = json.dumps(report, indent=1, sort_keys=True, default=float)
         (out_dir / f"report_step{step}{tag}.json").write_text(text)

@@ -13,6 +13,8 @@ Output directory:
     points.ply          binary little-endian PLY: x y z (float32) red green blue (uchar); finite points only
     scene.glb           the same point cloud plus one wireframe frustum per camera (glTF binary)
     depth/NNNN.png      16-bit depth in millimetres (0 = no value / non-finite), `depth_png_scale` in cameras.json
+    depth/NNNN_preview.png  the same depth coloured for viewing (turbo: dark blue = near, red = far; one
+                        scale for all views, the 2nd-98th percentile of the scene; black = no value)
     depth/NNNN.npy      float32 depth (model units; metres for a metric model)
     cameras.json        per view: image, width, height, c2w [4][4] (OpenCV axes), intrinsics [3][3]
                         (pixel-index convention, u = fx x / z + cx); plus point counts
@@ -163,6 +165,16 @@ def write_glb(path: pathlib.Path, points: np.ndarray, colors: np.ndarray, c2w: n
     path.write_bytes(scene.export(file_type="glb"))
 
 
+def depth_preview(depth: np.ndarray, valid: np.ndarray, near: float, far: float) -> np.ndarray:
+    """uint8[H, W, 3]: depth coloured with matplotlib's turbo from `near` (dark blue) to `far` (red), black
+    where there is no value; one scale for every view of a reconstruction, so colours compare across views."""
+    from matplotlib import colormaps
+
+    t = np.clip((depth - near) / max(far - near, 1e-9), 0.0, 1.0)
+    rgb = (colormaps["turbo"](t)[..., :3] * 255).round().astype(np.uint8)
+    return np.where(valid[..., None], rgb, 0).astype(np.uint8)
+
+
 def write_reconstruction(out_dir: str | pathlib.Path, images: np.ndarray, world_points: np.ndarray,
                          depth: np.ndarray, c2w: np.ndarray, intrinsics: np.ndarray,
                          names: list[str]) -> dict:
@@ -180,11 +192,14 @@ def write_reconstruction(out_dir: str | pathlib.Path, images: np.ndarray, world_
     if dropped:
         logging.warning("reconstruct: dropped %d non-finite or non-positive-depth points of %d", dropped, keep.size)
     steps = tqdm(total=v + 2, desc="writing", unit="file")
+    usable = np.isfinite(depth) & (depth > 0)
+    near, far = np.percentile(depth[usable], [2, 98]) if usable.any() else (0.0, 1.0)
     for i in range(v):
-        d = np.where(np.isfinite(depth[i]) & (depth[i] > 0), depth[i], 0.0)
+        d = np.where(usable[i], depth[i], 0.0)
         np.save(out / "depth" / f"{i:04d}.npy", d.astype(np.float32))
         mm = np.clip(np.round(d * DEPTH_PNG_SCALE), 0, 65535).astype(np.uint16)
         Image.fromarray(mm).save(out / "depth" / f"{i:04d}.png")
+        Image.fromarray(depth_preview(d, usable[i], near, far)).save(out / "depth" / f"{i:04d}_preview.png")
         steps.update()
     write_ply(out / "points.ply", points, colors)
     steps.update()

@@ -28,6 +28,7 @@ class MetricLogger:
 
     def __init__(self, workdir: pathlib.Path, log_every: int, *, enabled: bool = True,
                  peak_flops_per_second: float = 0.0):
+        self.workdir = pathlib.Path(workdir)
         self.log_every = log_every
         self.enabled = enabled and jax.process_index() == 0
         self.peak = peak_flops_per_second
@@ -70,15 +71,27 @@ class MetricLogger:
     def write(self, step: int, record: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"kind": prefix, **record}) + "\n")
+        self._jsonl.write(json.dumps({"kind": prefix, **record, "step": step}) + "\n")
         self._jsonl.flush()
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
-                self._tb.add_scalar(f"{prefix}/{k}", v, step)
+                self._tb.add_scalar(k if k.startswith(prefix + "/") else f"{prefix}/{k}", v, step)
         self._tb.flush()
         shown = " ".join(f"{k}={v:.4g}" for k, v in record.items() if _shown_on_console(k))
         logging.info("[%s] step %d %s", prefix, step, shown)
         print(f"[{prefix}] step {step} {shown}", flush=True)
+
+    def images(self, step: int, paths: list[pathlib.Path], prefix: str = "eval") -> None:
+        """Logs PNG pictures to TensorBoard as `<prefix>/<file stem>` (the evaluators' depth maps, trajectories)."""
+        if not self.enabled:
+            return
+        from PIL import Image
+
+        for path in paths:
+            with Image.open(path) as im:
+                self._tb.add_image(f"{prefix}/{pathlib.Path(path).stem}", np.asarray(im.convert("RGB")), step,
+                                   dataformats="HWC")
+        self._tb.flush()
 
     def close(self) -> None:
         if self._jsonl:

@@ -248,5 +248,7 @@ def _evaluate(evaluate: EvaluateHook, spec, state, logger, step, *, final: bool)
     report = evaluate(spec, state, step, final)
     flat = {f"eval/{k}": v for k, v in logger_lib.flatten_scalars(report).items()}
     logger.write(step, {**flat, "eval_time_s": time.perf_counter() - t0}, prefix="eval")
+    pictures = [name for part in report.values() if isinstance(part, dict) for name in part.get("pictures", [])]
+    logger.images(step, [logger.workdir / "eval" / name for name in pictures])
     return report
 
