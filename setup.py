@@ -20,14 +20,13 @@ REQUIRED = JAX_FAMILY + [
     "numpy>=2.4,<2.5",
     "sentencepiece==0.2.3",    # tokenizer of the tiny configs (trained by tools/train_tokenizer.py)
     "tokenizers>=0.21",        # Qwen2 byte-level BPE vocabulary of the official checkpoint
-    "ml_collections>=1.0",     # experiment configs + `--set key=value` overrides
     "absl-py>=2.1",            # flags and logging, as grain/orbax expect them
     "safetensors>=0.4",        # official checkpoint and params-only export (no pickle anywhere)
     "scipy>=1.13",             # KD-trees for point-map metrics, IRLS/median helpers
     "pillow>=10.0",            # PNG/JPEG decode and Lanczos resizing
     "tensorboardX>=2.6",       # TensorBoard scalars without TensorFlow
     "tqdm>=4.66",              # progress bars for converters and tools
-    "trimesh>=4.0",            # .glb export of point clouds with camera frusta
+    "trimesh>=4.0",            # .ply and .glb export of point clouds (with camera frusta)
     "matplotlib>=3.8",         # evaluation pictures (depth maps, trajectories, tables)
 ]
 
@@ -41,7 +40,8 @@ setup(
     install_requires=REQUIRED,
     extras_require={
         # pytest-timeout: a stuck test fails the run within its limit, named (see pytest.ini).
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+        # pycolmap: COLMAP's own reader checks the sparse model `reconstruct` writes (an independent reader).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "hypothesis>=6.100", "pycolmap>=3.10"],
         # libtpu alone lets `g2vlm aot` compile for any TPU slice on a CPU-only machine;
         # pinned to the build tested with jax 0.10.2 (compiled memory figures change with it).
         "tpu-aot": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],

@@ -35,7 +35,8 @@ def test_oracle_geometry_through_the_writer_matches_the_fixture(room, tmp_path):
     cameras = reconstruct.write_reconstruction(tmp_path, images, np.where(np.isnan(local), np.nan, world),
                                                local[..., 2], c2w, recovered_k, names)
     valid = depth > 0
-    points, colors = reconstruct.read_ply(tmp_path / "points.ply")
+    cloud = trimesh.load(tmp_path / "points.ply")
+    points, colors = np.asarray(cloud.vertices), np.asarray(cloud.colors)[:, :3]
     assert cameras["num_points"] == len(points) == int(valid.sum())
     assert cameras["dropped_points"] == int((~valid).sum()) > 0
     np.testing.assert_allclose(points, world[valid].astype(np.float32), atol=1e-5)
@@ -76,7 +77,8 @@ def test_reconstruct_cli_with_a_trained_checkpoint(tiny_trained_run, tmp_path):
     views = cameras["views"]
     assert len(views) == 8 and (views[0]["width"], views[0]["height"]) == (56, 42)
     assert [v["image"] for v in views] == [f"{i}.png" for i in range(8)]
-    points, colors = reconstruct.read_ply(out / "points.ply")
+    cloud = trimesh.load(out / "points.ply")
+    points, colors = np.asarray(cloud.vertices), np.asarray(cloud.colors)[:, :3]
     assert len(points) == cameras["num_points"] and cameras["num_points"] + cameras["dropped_points"] == 8 * 56 * 42
     assert np.isfinite(points).all() and len(points) > 0
     for v in views:
@@ -87,6 +89,36 @@ def test_reconstruct_cli_with_a_trained_checkpoint(tiny_trained_run, tmp_path):
     assert depth.shape == (42, 56) and depth.dtype == np.float32
     assert np.asarray(Image.open(out / "depth" / "0005.png")).dtype == np.uint16
     assert len(trimesh.load(out / "scene.glb").geometry) == 9
+
+
+def test_reconstruct_writes_a_colmap_model_colmap_reads(room, tmp_path):
+    """The sparse model of `write_reconstruction` read by COLMAP's own reader (pycolmap), binary and text:
+    the cameras and poses of cameras.json, and every point projects to the pixel it is recorded at."""
+    pycolmap = pytest.importorskip("pycolmap", reason="pycolmap is in the test extras: pip install -e '.[test]'")
+    images, depth, c2w, k = room
+    world = geometry.depth_to_world_points(depth, k, c2w)
+    world[depth <= 0] = np.nan
+    names = [f"{i}.png" for i in range(8)]
+    reconstruct.write_reconstruction(tmp_path, images, world, depth, c2w, k, names)
+    for read in ("read_binary", "read_text"):
+        model = pycolmap.Reconstruction()
+        getattr(model, read)(str(tmp_path / "sparse" / "0"))
+        assert len(model.images) == 8 and len(model.cameras) == 8
+        assert 0 < len(model.points3D) <= 200_000 and model.compute_num_observations() == len(model.points3D)
+        for image in model.images.values():
+            i = names.index(image.name)
+            cam_from_world = image.cam_from_world().matrix()
+            np.testing.assert_allclose(cam_from_world, np.linalg.inv(c2w[i])[:3], atol=1e-6)  # float32 poses
+            fx, fy, cx, cy = model.cameras[image.camera_id].params
+            np.testing.assert_allclose([fx, fy, cx - 0.5, cy - 0.5], [k[i][0, 0], k[i][1, 1], k[i][0, 2], k[i][1, 2]])
+        for point_id in list(model.points3D)[::997]:
+            point = model.points3D[point_id]
+            element = point.track.elements[0]
+            image = model.images[element.image_id]
+            uv = model.cameras[image.camera_id].img_from_cam(image.cam_from_world() * point.xyz)
+            np.testing.assert_allclose(uv, image.points2D[element.point2D_idx].xy, atol=1e-3)  # pixels
+            row, col = (int(c) for c in np.floor(image.points2D[element.point2D_idx].xy[::-1]))
+            np.testing.assert_array_equal(point.color, images[names.index(image.name), row, col])
 
 
 def test_reconstruct_rejects_bad_inputs(tmp_path):

@@ -18,6 +18,8 @@ Output directory:
     depth/NNNN.npy      float32 depth (model units; metres for a metric model)
     cameras.json        per view: image, width, height, c2w [4][4] (OpenCV axes), intrinsics [3][3]
                         (pixel-index convention, u = fx x / z + cx); plus point counts
+    sparse/0/           the same cameras and (subsampled) points as a COLMAP sparse model, cameras/images/
+                        points3D in .txt and .bin (inference/colmap.py): opens in COLMAP, pycolmap, nerfstudio
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from tqdm import tqdm
 
 from g2vlm_jax import geometry
 from g2vlm_jax import sharding as sharding_lib
+from g2vlm_jax.inference import colmap
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEPTH_PNG_SCALE = 1000.0  # depth PNG units per model unit (millimetres for metric depth)
@@ -118,26 +121,12 @@ def predict(model, tok, images: np.ndarray, *, preset: str = "dp") -> dict[str, 
 # Writers
 # --------------------------------------------------------------------------------------------------
 def write_ply(path: pathlib.Path, points: np.ndarray, colors: np.ndarray) -> None:
-    """points float[N, 3], colors uint8[N, 3] -> binary little-endian PLY."""
-    header = ("ply\nformat binary_little_endian 1.0\n"
-              f"element vertex {len(points)}\n"
-              "property float x\nproperty float y\nproperty float z\n"
-              "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
-    rec = np.empty(len(points), dtype=[("xyz", "<f4", 3), ("rgb", "u1", 3)])
-    rec["xyz"], rec["rgb"] = points, colors
-    with open(path, "wb") as f:
-        f.write(header.encode("ascii"))
-        f.write(rec.tobytes())
+    """points float[N, 3], colors uint8[N, 3] -> binary PLY (x y z float, red green blue alpha uchar), by trimesh;
+    `trimesh.load(path)` reads it back as a PointCloud."""
+    import trimesh
 
-
-def read_ply(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of `write_ply` -> (points float32[N, 3], colors uint8[N, 3])."""
-    data = pathlib.Path(path).read_bytes()
-    end = data.index(b"end_header\n") + len(b"end_header\n")
-    header = data[:end].decode("ascii")
-    n = int(re.search(r"element vertex (\d+)", header).group(1))
-    rec = np.frombuffer(data[end:], dtype=[("xyz", "<f4", 3), ("rgb", "u1", 3)], count=n)
-    return rec["xyz"].copy(), rec["rgb"].copy()
+    rgba = np.concatenate([colors, np.full((len(colors), 1), 255, np.uint8)], axis=1)
+    trimesh.PointCloud(np.asarray(points, np.float32), colors=rgba).export(str(path), file_type="ply", encoding="binary")
 
 
 def frustum_segments(c2w: np.ndarray, k: np.ndarray, height: int, width: int, depth: float) -> np.ndarray:
@@ -191,7 +180,7 @@ def write_reconstruction(out_dir: str | pathlib.Path, images: np.ndarray, world_
     dropped = int(keep.size - keep.sum())
     if dropped:
         logging.warning("reconstruct: dropped %d non-finite or non-positive-depth points of %d", dropped, keep.size)
-    steps = tqdm(total=v + 2, desc="writing", unit="file")
+    steps = tqdm(total=v + 2, desc="writing", unit="file")  # depth maps, point cloud + COLMAP model, glb
     usable = np.isfinite(depth) & (depth > 0)
     near, far = np.percentile(depth[usable], [2, 98]) if usable.any() else (0.0, 1.0)
     for i in range(v):
@@ -202,6 +191,8 @@ def write_reconstruction(out_dir: str | pathlib.Path, images: np.ndarray, world_
         Image.fromarray(depth_preview(d, usable[i], near, far)).save(out / "depth" / f"{i:04d}_preview.png")
         steps.update()
     write_ply(out / "points.ply", points, colors)
+    colmap.write_colmap(out / "sparse" / "0", images, np.where(keep[..., None], world_points, np.nan), c2w, intrinsics,
+                        names)
     steps.update()
     write_glb(out / "scene.glb", points, colors, c2w, intrinsics, h, w)
     steps.update()
