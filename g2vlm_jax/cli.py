@@ -17,6 +17,7 @@ import os
 import sys
 
 from g2vlm_jax import config as config_lib
+from g2vlm_jax.console import quiet_library_noise
 from g2vlm_jax.outputs import prepare_output_dir
 from g2vlm_jax import peer_watch
 
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     _enable_compilation_cache()
+    quiet_library_noise()
     user_errors = _user_errors()
     try:
         watch = initialize_distributed(args) if hasattr(args, "distributed") else None

@@ -49,9 +49,9 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 from flax import nnx
-from tqdm import tqdm
 
 from g2vlm_jax import config as config_lib
+from g2vlm_jax.console import progress
 from g2vlm_jax.model import encoder_layers as el
 from g2vlm_jax.model.g2vlm import G2VLM, official_backbone_params
 
@@ -299,7 +299,7 @@ def from_official(state_dict: Mapping[str, np.ndarray], config: config_lib.Model
     check_state_dict(state_dict, config, model)
     groups = _backbone_groups(config)
     total = sum(len(el.official_param_map(m, p)) for m, p in _encoder_parts(model)) + sum(map(len, groups.values()))
-    with tqdm(total=total, unit="tensor", desc="official -> g2vlm", leave=False) as bar:
+    with progress(total=total, unit="tensor", desc="official -> g2vlm", leave=False) as bar:
         for module, prefix in _encoder_parts(model):
             bar.update(len(el.load_official(module, state_dict, prefix)))
         params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -328,7 +328,7 @@ def to_official(model: G2VLM, dtype: str = "float32") -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     encoders = list(_encoder_tensors(model))
     total = len(encoders) + len(official_backbone_params(cfg))
-    with tqdm(total=total, unit="tensor", desc="g2vlm -> official", leave=False) as bar:
+    with progress(total=total, unit="tensor", desc="g2vlm -> official", leave=False) as bar:
         for name, _, var, official in encoders:
             value = np.asarray(var.get_value())
             out[name] = np.ascontiguousarray((value.T.reshape(official) if official else value).astype(np_dtype))

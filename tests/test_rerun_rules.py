@@ -29,6 +29,7 @@ def finished(tmp_path_factory):
     done = _g2vlm("train", "--experiment", EXPERIMENT, "--workdir", str(workdir))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "finished at step 6" in done.stdout
+    (workdir.parent / "console.txt").write_text(done.stdout + done.stderr)
     return workdir
 
 
@@ -103,3 +104,50 @@ def test_the_run_logs_what_a_user_reads(finished):
     assert not any(t.startswith("eval/eval/") for t in tags)
     images = {v.tag for v in values if v.HasField("image")}
     assert {"eval/depth_0", "eval/trajectory_0"} <= images
+
+
+def test_captured_output_is_lines_without_noise(finished):
+    """In a log (not a terminal): no progress-bar carriage returns or cursor moves, none of the library
+    noise of issue #21 item 9, and a line before the first (compiling) step and before the evaluation."""
+    console = (finished.parent / "console.txt").read_text()
+    assert "\r" not in console and "\x1b[A" not in console
+    for noise in ("Using custom data configuration", "Downloading and preparing dataset", "has no dataset_info.json",
+                  "CheckpointManagerOptions.read_only", "Generating splits"):
+        assert noise not in console, noise
+    assert "[train] step 0 of 6: compiling the train step" in console
+    assert "[eval] step 6: running the held-out evaluators" in console
+
+
+def test_a_terminal_shows_a_progress_bar_with_rate_and_eta(tmp_path):
+    """On a terminal (a pseudo-terminal here) training shows tqdm's bar: steps done, rate and ETA."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120 x 40 terminal
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120")
+    proc = subprocess.Popen([sys.executable, "-m", "g2vlm_jax.cli", "train", "--experiment", EXPERIMENT, "--workdir",
+                             str(tmp_path), "--set", "eval.evaluators=", "--set", "eval.every_steps=0"],
+                            stdin=follower, stdout=follower, stderr=follower, env=env, cwd=str(ROOT), close_fds=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([leader], [], [], 600)
+        if not ready:
+            proc.kill()
+            break
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the process ended
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=60) == 0
+    os.close(leader)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "train: 100%" in screen and "6/6" in screen and ("step/s" in screen or "s/step" in screen)
+    assert "finished at step 6" in screen

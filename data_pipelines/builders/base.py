@@ -8,16 +8,19 @@ for synthetic data, sorted scene/row order for converted data. Read them back wi
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
+import io
 import json
 import pathlib
 from collections.abc import Callable
 
 import tensorflow_datasets as tfds
-import tqdm
+from absl import logging
 from etils import epath
 
 from data_pipelines import records
+from g2vlm_jax.console import progress
 
 SPLITS = ("train", "validation", "test")
 
@@ -93,7 +96,7 @@ class JsonlRowsBuilder(SceneRecordBuilder, skip_registration=True):
 
     def _generate_examples(self, root: pathlib.Path, path: pathlib.Path):
         lines = path.read_text().splitlines()
-        for number, line in enumerate(tqdm.tqdm(lines, desc=f"{self.ROW_KIND} {path.name}", leave=False)):
+        for number, line in enumerate(progress(lines, desc=f"{self.ROW_KIND} {path.name}", leave=False)):
             if not line.strip():
                 continue
             row_id = f"{path.stem}-{number}"
@@ -135,10 +138,30 @@ def find_scene_dirs(root: pathlib.Path, is_scene: Callable[[pathlib.Path], bool]
 
 
 def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | pathlib.Path | None = None) -> dict[str, int]:
-    """Builds the dataset (offline) and returns {split: number of records}."""
+    """Builds the dataset (offline) and returns {split: number of records}.
+
+    TFDS's own progress bars are off (ours show each split's records, on a terminal only) and what it
+    prints for downloads ("Downloading and preparing dataset Unknown size ...": nothing is downloaded
+    here) goes to the log at INFO.
+    """
     config = tfds.download.DownloadConfig(manual_dir=str(manual_dir)) if manual_dir is not None else None
-    builder.download_and_prepare(download_config=config)
+    with _tfds_quietly():
+        builder.download_and_prepare(download_config=config)
     return {name: info.num_examples for name, info in builder.info.splits.items()}
+
+
+@contextlib.contextmanager
+def _tfds_quietly():
+    """TFDS without its progress bars, and what it prints (download announcements) logged at INFO."""
+    tfds.disable_progress_bar()
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        for line in printed.getvalue().splitlines():
+            if line.strip():
+                logging.info("tfds: %s", line.strip())
 
 
 class SceneSource:
@@ -158,7 +181,8 @@ class SceneSource:
 def _data_source(name: str, split: str, data_dir, builder_kwargs: dict | None, vqa: bool):
     """tfds.data_source of '<builder>/<config>', checked to hold scene records (vqa=False) or VQA records."""
     try:
-        source = tfds.data_source(name, split=split, data_dir=str(data_dir), builder_kwargs=builder_kwargs)
+        with _tfds_quietly():  # the synthetic datasets are built here on first use
+            source = tfds.data_source(name, split=split, data_dir=str(data_dir), builder_kwargs=builder_kwargs)
     except ValueError as e:
         # The reason's first line only: tfds appends its catalogue of public datasets (4,000+ characters).
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -16,10 +16,10 @@ import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
 from PIL import Image
 
 from data_pipelines import records
+from g2vlm_jax.console import progress
 from data_pipelines.builders.base import SceneRecordBuilder, find_scene_dirs
 from data_pipelines.scene import Scene
 
@@ -111,6 +111,6 @@ class NpzScenes(SceneRecordBuilder):
 
     def _generate_examples(self, split: str, dirs: list[pathlib.Path]):
         cfg = self.settings
-        for scene_dir in tqdm.tqdm(dirs, desc=f"npz scenes {split}", leave=False):
+        for scene_dir in progress(dirs, desc=f"npz scenes {split}", leave=False):
             scene = read_npz_scene(scene_dir, dataset=cfg.dataset, z_far=cfg.z_far, normal_loss=cfg.normal_loss)
             yield scene.scene_id, records.scene_to_record(scene, image_format=cfg.image_format)

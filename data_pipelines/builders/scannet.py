@@ -22,10 +22,10 @@ import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
 from PIL import Image
 
 from data_pipelines import records
+from g2vlm_jax.console import progress
 from data_pipelines.builders.base import SceneRecordBuilder, find_scene_dirs
 from data_pipelines.scene import Scene
 
@@ -114,7 +114,7 @@ class ScannetScenes(SceneRecordBuilder):
 
     def _generate_examples(self, split: str, dirs: list[pathlib.Path]):
         cfg = self.settings
-        for scene_dir in tqdm.tqdm(dirs, desc=f"scannet {split}", leave=False):
+        for scene_dir in progress(dirs, desc=f"scannet {split}", leave=False):
             kept, dropped = scannet_frames(scene_dir, cfg.frame_stride)
             self.dropped_frames += len(dropped)
             size = cfg.max_frames or len(kept)

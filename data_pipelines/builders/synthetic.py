@@ -15,10 +15,10 @@ from __future__ import annotations
 import dataclasses
 
 import tensorflow_datasets as tfds
-import tqdm
 
 from data_pipelines import records
 from data_pipelines.builders.base import SPLITS, SceneRecordBuilder
+from g2vlm_jax.console import progress
 from data_pipelines.synthetic.render import RenderConfig, render_scene
 from data_pipelines.synthetic.spatial_qa import QAConfig, synthetic_qa_scene
 
@@ -61,7 +61,7 @@ class _SyntheticBase(SceneRecordBuilder, skip_registration=True):
         return {split: self._generate_examples(split, n) for split, n in zip(SPLITS, cfg.num_scenes) if n > 0}
 
     def _generate_examples(self, split: str, count: int):
-        for index in tqdm.trange(count, desc=f"{self.name}/{self.settings.name} {split}", leave=False):
+        for index in progress(range(count), desc=f"{self.name}/{self.settings.name} {split}", leave=False):
             yield f"{index:08d}", records.scene_to_record(self._scene(split, index))
 
 

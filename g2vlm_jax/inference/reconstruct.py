@@ -33,9 +33,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from g2vlm_jax import geometry
+from g2vlm_jax.console import progress
 from g2vlm_jax import sharding as sharding_lib
 from g2vlm_jax.inference import colmap
 
@@ -180,7 +180,7 @@ def write_reconstruction(out_dir: str | pathlib.Path, images: np.ndarray, world_
     dropped = int(keep.size - keep.sum())
     if dropped:
         logging.warning("reconstruct: dropped %d non-finite or non-positive-depth points of %d", dropped, keep.size)
-    steps = tqdm(total=v + 2, desc="writing", unit="file")  # depth maps, point cloud + COLMAP model, glb
+    steps = progress(total=v + 2, desc="writing", unit="file")  # depth maps, point cloud + COLMAP model, glb
     usable = np.isfinite(depth) & (depth > 0)
     near, far = np.percentile(depth[usable], [2, 98]) if usable.any() else (0.0, 1.0)
     for i in range(v):

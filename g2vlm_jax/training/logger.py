@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 
 
 _CONSOLE_KEYS = ("loss", "ce", "vg", "grad_norm", "lr", "tokens_per_s", "step_time_s", "mfu")
@@ -79,7 +80,7 @@ class MetricLogger:
         self._tb.flush()
         shown = " ".join(f"{k}={v:.4g}" for k, v in record.items() if _shown_on_console(k))
         logging.info("[%s] step %d %s", prefix, step, shown)
-        print(f"[{prefix}] step {step} {shown}", flush=True)
+        tqdm.write(f"[{prefix}] step {step} {shown}")  # above the progress bar when one is shown
 
     def images(self, step: int, paths: list[pathlib.Path], prefix: str = "eval") -> None:
         """Logs PNG pictures to TensorBoard as `<prefix>/<file stem>` (the evaluators' depth maps, trajectories)."""

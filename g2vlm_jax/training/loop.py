@@ -17,9 +17,11 @@ from typing import Callable
 import jax
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 
 from g2vlm_jax import checkpoint as ckpt_lib
 from g2vlm_jax import config as config_lib
+from g2vlm_jax import console
 from g2vlm_jax import flops as flops_lib
 from g2vlm_jax import meeting
 from g2vlm_jax import sharding as sharding_lib
@@ -146,6 +148,11 @@ def train(cfg: config_lib.ExperimentConfig, *, evaluate: EvaluateHook | None = N
     last_metrics: dict = {}
     preempted = False
     step = last_saved = start_step
+    if start_step < end_step and jax.process_index() == 0:
+        print(f"[train] step {start_step} of {cfg.optim.total_steps}: compiling the train step (the first step of "
+              "each view bucket takes longest)", flush=True)
+    bar = console.progress(total=cfg.optim.total_steps, initial=start_step, unit="step", desc="train",
+                           disable=None if jax.process_index() == 0 else True)
     try:
         while step < end_step:
             tracing = _toggle_profiler(cfg, step, tracing, workdir, manager)
@@ -157,6 +164,7 @@ def train(cfg: config_lib.ExperimentConfig, *, evaluate: EvaluateHook | None = N
             # (this process's packs times the process count: every process draws alike packs).
             step_flops = flops_lib.step_flops(cfg.model, host_batch).train_total * jax.process_count()
             step += 1
+            bar.update(1)
             if pending is not None:
                 last_metrics = _log(logger, pending, cfg)
             pending = (step, metrics, step_flops)
@@ -173,6 +181,7 @@ def train(cfg: config_lib.ExperimentConfig, *, evaluate: EvaluateHook | None = N
         if pending is not None:
             last_metrics = _log(logger, pending, cfg, force=True)
     finally:
+        bar.close()
         manager.wait_until_finished()  # before stop_trace: see _toggle_profiler
         if tracing:
             jax.profiler.stop_trace()  # the run ended inside the profiling window
@@ -244,6 +253,8 @@ def _log(logger: MetricLogger, pending, cfg: config_lib.ExperimentConfig, force:
 
 
 def _evaluate(evaluate: EvaluateHook, spec, state, logger, step, *, final: bool) -> dict:
+    if jax.process_index() == 0:
+        tqdm.write(f"[eval] step {step}: running the held-out evaluators{' and drawing pictures' if final else ''}")
     t0 = time.perf_counter()
     report = evaluate(spec, state, step, final)
     flat = {f"eval/{k}": v for k, v in logger_lib.flatten_scalars(report).items()}
