@@ -22,7 +22,7 @@ def get_config(arg: str = "") -> c.ExperimentConfig:
         optim=c.OptimConfig(stage="stage2", learning_rate=2e-5, warmup_steps=400, total_steps=16_000),
         mesh=common.mesh_for(arg),
         checkpoint=c.CheckpointConfig(every_steps=500, keep_last=3, keep_every=4000,
-                                      init_from="runs/g2vlm_2b_stage1b/export"),
+                                      init_from="runs/g2vlm_2b_stage1b/export,checkpoints/g2vlm_2b_converted"),
         eval=c.EvalConfig(evaluators=("spatial_qa",), every_steps=2000, num_batches=16),
         log_every=10,
     )

@@ -8,6 +8,7 @@
     g2vlm export  --checkpoint DIR --out OUT [--experiment E] [--dtype bfloat16] [--official]
     g2vlm convert --official CKPT_DIR --out OUT      (official release -> our params-only checkpoint)
     g2vlm convert --to-official --checkpoint DIR --out OUT   (ours -> the official release layout)
+    g2vlm init    --qwen2vl DIR --dinov2 DIR --out OUT [--experiment E]   (the paper's start, public parts)
     g2vlm aot     --experiment experiments/NAME.py --topology v5p:4x4x8 [...]  (g2vlm_jax/aot.py)
 """
 from __future__ import annotations
@@ -69,7 +70,8 @@ def initialize_distributed(args):
 
 
 def _load(args) -> config_lib.ExperimentConfig:
-    overrides = list(args.overrides) + ([f"workdir={args.workdir}"] if args.workdir else [])
+    workdir = getattr(args, "workdir", "")
+    overrides = list(args.overrides) + ([f"workdir={workdir}"] if workdir else [])
     return config_lib.load_experiment(args.experiment, overrides)
 
 
@@ -197,6 +199,19 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    from g2vlm_jax import public_init
+
+    experiment = _load(args) if args.experiment else None
+    prepare_output_dir(args.out, "--out")
+    out = public_init.write_init_checkpoint(args.qwen2vl, args.dinov2, args.out, experiment=experiment,
+                                            dtype=args.dtype, seed=args.seed, geometry_init=args.geometry_init)
+    print(f"wrote the initial G2VLM (semantic expert and ViT from {args.qwen2vl}, geometry encoder from {args.dinov2}, "
+          f"geometry expert initialised: {args.geometry_init}) to {out}; use it as checkpoint.init_from "
+          f"(what came from where: {out / 'init_report.json'})")
+    return 0
+
+
 def _inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="training run directory, or a params-only checkpoint from `g2vlm export` / `g2vlm convert`")
@@ -247,6 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--official", action="store_true", help="also write OUT/official (model.safetensors + configs)")
     p.set_defaults(func=cmd_export, workdir="")
+    p = sub.add_parser("init", help="the paper's starting point from public Qwen2-VL and DINOv2-with-registers "
+                                    "checkpoints (a params-only checkpoint for checkpoint.init_from)")
+    p.add_argument("--qwen2vl", required=True, metavar="DIR", help="Qwen2-VL checkpoint folder (Hugging Face layout)")
+    p.add_argument("--dinov2", required=True, metavar="DIR",
+                   help="Dinov2WithRegisters checkpoint folder (Hugging Face layout, e.g. dinov2-with-registers-large)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--experiment", default="", help="experiments/NAME.py[:ARG] whose model (heads, use_vit, dtypes) "
+                                                    "to build; default: the 2B config's heads")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dtype", default="float32", choices=("bfloat16", "float32"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the geometry expert / heads initialisation")
+    p.add_argument("--geometry-init", default="spec", choices=("spec", "copy"),
+                   help="spec: from scratch as the paper (LayerScale 0.01, dino2llm 0); copy: the semantic expert")
+    p.set_defaults(func=cmd_init)
     p = sub.add_parser("convert", help="official G2VLM release directory <-> our params-only checkpoint")
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--official", metavar="CKPT_DIR",

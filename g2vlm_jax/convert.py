@@ -135,7 +135,12 @@ def config_from_official(ckpt_dir: str | pathlib.Path) -> config_lib.ModelConfig
     """Our ModelConfig from the three official config JSONs (any size), read as the official loader reads them:
     a key a file lacks takes the official config class default (logged), head sizes absent: SPEC 2B values."""
     ckpt_dir = pathlib.Path(ckpt_dir)
-    configs = {n: _read_json(ckpt_dir, n) for n in CONFIG_FILES}
+    return config_from_jsons({n: _read_json(ckpt_dir, n) for n in CONFIG_FILES})
+
+
+def config_from_jsons(configs: dict[str, dict]) -> config_lib.ModelConfig:
+    """`config_from_official` of the three config dicts {'text_config.json': ..., 'vit_config.json': ...,
+    'dino_config.json': ...} (Qwen2-VL text and vision configs, DINOv2-with-registers config)."""
     _check_fixed(configs)
     tf, vf, df = CONFIG_FILES
     t, v, d = (configs[n] for n in CONFIG_FILES)

@@ -85,6 +85,18 @@ def _tokenizer_dir(cfg: config_lib.ExperimentConfig, base: pathlib.Path) -> path
     return path if path.is_dir() else path.parent
 
 
+def copy_tokenizer(src_dir: pathlib.Path, out: pathlib.Path) -> str:
+    """Copies the Qwen2 tokenizer files of `src_dir` (if it has a tokenizer.json) into `out`; returns the
+    `data.tokenizer` spec that finds them relative to the checkpoint ('qwen2:tokenizer.json'), or ''."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (src_dir / "tokenizer.json").is_file():
+        return ""
+    for name in convert.TOKENIZER_FILES:
+        if (src_dir / name).is_file():
+            shutil.copy(src_dir / name, out / name)
+    return "qwen2:tokenizer.json"  # relative to the checkpoint directory (inference/load.py)
+
+
 def import_official(ckpt_dir: str | pathlib.Path, out_dir: str | pathlib.Path, dtype: str = "bfloat16") -> pathlib.Path:
     """An official release directory -> our params-only checkpoint (see the module docstring).
 
@@ -97,13 +109,7 @@ def import_official(ckpt_dir: str | pathlib.Path, out_dir: str | pathlib.Path, d
         raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {list(DTYPES)}")
     # Built directly in `dtype`: the release is bf16, so bf16 loses nothing and a 2B model needs half the memory.
     model_cfg, model = convert.load_official_dir(ckpt_dir, param_dtype=dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = config_lib.DataConfig().tokenizer
-    if (ckpt_dir / "tokenizer.json").is_file():
-        for name in convert.TOKENIZER_FILES:
-            if (ckpt_dir / name).is_file():
-                shutil.copy(ckpt_dir / name, out / name)
-        tokenizer = "qwen2:tokenizer.json"  # relative to the checkpoint directory (inference/load.py)
+    tokenizer = copy_tokenizer(ckpt_dir, out) or config_lib.DataConfig().tokenizer
     data = config_lib.DataConfig(tokenizer=tokenizer, image_size=(518, 518), vit_image_size=(756, 756))
     cfg = config_lib.ExperimentConfig(name=f"official_{ckpt_dir.name}", model=model_cfg, data=data)
     return save_model(model, cfg, out, dtype=dtype, source=f"official:{ckpt_dir}")

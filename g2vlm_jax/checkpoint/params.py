@@ -81,13 +81,28 @@ def _place(params: nnx.State, flat: dict, where: str) -> nnx.State:
 
 
 def initialise_from(state: TrainState, cfg: config_lib.ExperimentConfig) -> TrainState:
-    """Loads `cfg.checkpoint.init_from` into the state's trainable and frozen parameters."""
-    where = cfg.checkpoint.init_from
-    flat, metadata = load_params(where)
+    """Loads `cfg.checkpoint.init_from` into the state's trainable and frozen parameters.
+
+    `init_from` may list several params checkpoints separated by commas: each parameter comes from the
+    first that has it (stage 2 takes the experts from the stage-1b export and the ViT, which stage 1
+    does not have, from `g2vlm init` or a converted release). The semantic image encoder of a checkpoint
+    is skipped (logged) when the model has none (`model.use_vit=false`); any other parameter the model
+    lacks is an error, and so is a parameter no listed checkpoint has.
+    """
+    sources = [s.strip() for s in cfg.checkpoint.init_from.split(",") if s.strip()]
     ours = set(flat_params(state.trainable)) | set(flat_params(state.frozen))
-    unexpected = sorted(set(flat) - ours)
-    if unexpected:
-        raise ValueError(f"{where}: {len(unexpected)} parameters the model does not have, e.g. {unexpected[:3]}; "
-                         "is this a checkpoint of another model config?")
-    logging.info("initialising %d parameters from %s (%s)", len(flat), where, metadata.get("source", "export"))
+    flat: dict = {}
+    for where in sources:
+        params, metadata = load_params(where)
+        skipped = sorted(n for n in params if n not in ours and n.startswith("vit_model/") and not cfg.model.use_vit)
+        unexpected = sorted(set(params) - ours - set(skipped))
+        if unexpected:
+            raise ValueError(f"{where}: {len(unexpected)} parameters the model does not have, e.g. {unexpected[:3]}; "
+                             "is this a checkpoint of another model config?")
+        if skipped:
+            logging.info("%s: skipping its %d semantic-encoder parameters (model.use_vit=false)", where, len(skipped))
+        taken = {n: v for n, v in params.items() if n in ours and n not in flat}
+        logging.info("initialising %d parameters from %s (%s)", len(taken), where, metadata.get("source", "export"))
+        flat.update(taken)
+    where = " + ".join(sources)
     return state.replace(trainable=_place(state.trainable, flat, where), frozen=_place(state.frozen, flat, where))
