@@ -176,3 +176,16 @@ def test_bad_public_folders_are_named(tmp_path):
     cfg = public_init.model_config(QWEN, wrong, C.tiny_model(use_vit=True))
     with pytest.raises(ValueError, match=r"embeddings.cls_token' has shape \(1, 1, 16\)"):
         public_init.init_from_public(QWEN, wrong, cfg)
+
+
+def test_both_transformers_layouts_map_to_the_official_names():
+    """transformers < 4.52 saves Qwen2-VL as model.* / visual.* / lm_head; 4.52 and later as
+    model.language_model.* / model.visual.* / lm_head: both land on the same official names."""
+    for old, new, official in (
+            ("model.layers.3.self_attn.q_proj.weight", "model.language_model.layers.3.self_attn.q_proj.weight",
+             "language_model.model.layers.3.self_attn.q_proj.weight"),
+            ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
+             "language_model.model.embed_tokens.weight"),
+            ("visual.merger.mlp.0.weight", "model.visual.merger.mlp.0.weight", "vit_model.merger.mlp.0.weight"),
+            ("lm_head.weight", "lm_head.weight", "language_model.lm_head.weight")):
+        assert public_init.official_name(old) == public_init.official_name(new) == official
