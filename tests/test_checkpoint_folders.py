@@ -37,3 +37,41 @@ def test_kinds_and_errors(tmp_path):
     (params / "metadata.json").write_text("{not json")
     with pytest.raises(ValueError, match="metadata.json is not valid JSON"):
         ckpt_lib.load_params(params)
+
+
+def test_a_run_checkpoint_of_another_parameter_tree_is_named(tiny_trained_run):
+    """A run checkpoint written by a version of the code with other parameters (here: before the DINO mask
+    token was kept) is a CheckpointMismatchError naming the leaves, not an 'unreadable' fallback that would
+    restart the run from step 0."""
+    import jax
+
+    from g2vlm_jax import checkpoint as ck
+    from g2vlm_jax import config as C
+    from g2vlm_jax.core import state as state_lib
+
+    cfg = C.load_experiment("experiments/tiny_synthetic.py:test", [f"workdir={tiny_trained_run}"])
+    manager = ck.make_manager(cfg.checkpoint_dir, cfg.checkpoint, read_only=True)
+    step = manager.latest_step()
+    _, abstract = state_lib.abstract_state(cfg)
+    ck.check_same_tree(manager, step, abstract, "now")  # the same tree passes
+
+    def nested(paths):
+        tree = {}
+        for path in paths:
+            node = tree
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = 0
+        return tree
+
+    stored = [tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p)
+              for p, _ in jax.tree_util.tree_flatten_with_path(manager.item_metadata(step)["state"])[0]]
+    older = [p for p in stored if "mask_token" not in p]
+    assert len(older) == len(stored) - 1
+
+    class OlderManager:
+        def item_metadata(self, step):
+            return {"state": nested(older)}
+
+    with pytest.raises(ck.CheckpointMismatchError, match="it lacks 1: frozen/dino_model/embeddings/mask_token"):
+        ck.check_same_tree(OlderManager(), step, abstract, "old/3")

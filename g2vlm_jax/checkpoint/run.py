@@ -94,10 +94,35 @@ def check_compatible(metadata: dict, cfg: config_lib.ExperimentConfig, where: st
             "use the experiment that wrote it, or convert/initialise with checkpoint.init_from instead")
 
 
+def _leaf_names(tree: Any) -> set[tuple[str, ...]]:
+    """The key path of every leaf, as plain names (dict keys, attribute names, indexes)."""
+    def names(path):
+        return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+    return {names(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_same_tree(manager: ocp.CheckpointManager, step: int, abstract_state: Any, where: str) -> None:
+    """Raises CheckpointMismatchError when the stored train state has other leaves than the model's
+    (a checkpoint written by a version of the code with other parameters, e.g. before the DINO mask
+    token was kept): one line naming them, instead of an unreadable-checkpoint fallback."""
+    stored = _leaf_names(manager.item_metadata(step)["state"])
+    ours = _leaf_names(abstract_state)
+    missing, extra = sorted(ours - stored), sorted(stored - ours)
+    if missing or extra:
+        shown = lambda names: ", ".join("/".join(n) for n in names[:3]) + (" ..." if len(names) > 3 else "")
+        raise CheckpointMismatchError(
+            f"checkpoint {where} holds another parameter tree than this version of g2vlm_jax builds (it lacks "
+            f"{len(missing)}: {shown(missing) or '-'}; it has {len(extra)} more: {shown(extra) or '-'}); finish or "
+            "export it with the version that wrote it, then continue from the export with checkpoint.init_from")
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, shardings: Any,
             cfg: config_lib.ExperimentConfig) -> tuple[Any, dict]:
-    """Restores (state, data_state) of `step` onto `shardings` (any mesh), after a config check."""
-    check_compatible(read_metadata(manager, step), cfg, f"{manager.directory}/{step}")
+    """Restores (state, data_state) of `step` onto `shardings` (any mesh), after a config and tree check."""
+    where = f"{manager.directory}/{step}"
+    check_compatible(read_metadata(manager, step), cfg, where)
+    check_same_tree(manager, step, abstract_state, where)
     target = _abstract_with_shardings(abstract_state, shardings)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                              data=ocp.args.JsonRestore()))
