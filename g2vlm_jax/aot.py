@@ -274,12 +274,21 @@ class Target:
 def prepare(cfg, devices: list) -> Target:
     """Mesh, abstract train state, shardings and jitted programs exactly as training/loop.py builds
     them, on `devices` (a TPU slice's, or this host's)."""
+    from g2vlm_jax import config as config_lib
     from g2vlm_jax import sharding as sharding_lib
     from g2vlm_jax.core import objective
     from g2vlm_jax.core import state as state_lib
     from g2vlm_jax.training import step as step_lib
 
     mesh = sharding_lib.make_mesh(cfg.mesh, devices)
+    per_update = cfg.data.packs_per_step // cfg.optim.grad_accum_steps
+    parallel = sharding_lib.axis_size(mesh, sharding_lib.BATCH_AXES)
+    if per_update % parallel:
+        raise config_lib.ConfigError(
+            f"config field 'data.packs_per_step': {cfg.data.packs_per_step} packs per step"
+            f"{f' / {cfg.optim.grad_accum_steps} micro-batches' if cfg.optim.grad_accum_steps > 1 else ''} do not "
+            f"divide over the {parallel} data-parallel chips of this mesh ({dict(mesh.shape)}); pass --set "
+            f"data.packs_per_step={parallel * cfg.optim.grad_accum_steps} (or a multiple)", "data.packs_per_step")
     spec, abstract = state_lib.abstract_state(cfg)
     shardings = state_lib.state_shardings(abstract, mesh, cfg.mesh.preset)
     batch_sharding = sharding_lib.batch_sharding(mesh)

@@ -157,6 +157,15 @@ def _state_bytes_per_chip(target) -> int:
                for x, s in zip(leaves, jax.tree.leaves(target.shardings)))
 
 
+def test_packs_that_do_not_divide_over_the_slice_name_the_fix():
+    """The tiny experiment's 2 packs on a 4-chip slice: one line naming the field and the value that
+    divides, before anything is traced (it used to be XLA's sharding error)."""
+    cfg = aot.load_config(TINY, "v5e:2x2", [])
+    with pytest.raises(config_lib.ConfigError, match=r"'data.packs_per_step': 2 packs per step do not divide over "
+                                                     r"the 4 data-parallel chips .* --set data.packs_per_step=4"):
+        aot.prepare(cfg, jax.devices() * 4)
+
+
 @needs_libtpu
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
 def test_tiny_train_step_compiles_for_slice(topology):
