@@ -127,10 +127,7 @@ def cmd_eval(args) -> int:
 def cmd_convert_data(args) -> int:
     from data_pipelines import convert
 
-    result = convert.main(args.rest)
-    if result is None:  # `-h`
-        return 0
-    print(f"wrote {result.dataset} to {result.data_dir} (splits {result.splits}, skipped {result.skipped})")
+    convert.main(args.rest)  # prints what it wrote
     return 0
 
 
@@ -206,7 +203,8 @@ def cmd_init(args) -> int:
     prepare_output_dir(args.out, "--out")
     out = public_init.write_init_checkpoint(args.qwen2vl, args.dinov2, args.out, experiment=experiment,
                                             dtype=args.dtype, seed=args.seed, geometry_init=args.geometry_init)
-    print(f"wrote the initial G2VLM (semantic expert and ViT from {args.qwen2vl}, geometry encoder from {args.dinov2}, "
+    vit = "and ViT " if experiment is None or experiment.model.use_vit else "(ViT skipped: model.use_vit=false) "
+    print(f"wrote the initial G2VLM (semantic expert {vit}from {args.qwen2vl}, geometry encoder from {args.dinov2}, "
           f"geometry expert initialised: {args.geometry_init}) to {out}; use it as checkpoint.init_from "
           f"(what came from where: {out / 'init_report.json'})")
     return 0

@@ -42,6 +42,9 @@ QWEN2VL_RENAMES = (
     (r"^visual\.", "vit_model."),
 )
 EMBED, LM_HEAD = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
+# Qwen2VLVisionConfig's defaults (transformers 4.49), which `save_pretrained` leaves out of config.json.
+QWEN2VL_VISION_DEFAULTS = {"patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2, "in_channels": 3,
+                           "hidden_act": "quick_gelu"}
 GEOMETRY_INITS = ("spec", "copy")
 
 
@@ -78,7 +81,9 @@ def public_configs(qwen2vl_dir: pathlib.Path, dinov2_dir: pathlib.Path) -> dict[
                          f"{dino.get('model_type')!r}, expected 'dinov2_with_registers')")
     text = {**qwen, **qwen.get("text_config", {})}  # newer transformers nest the text part
     text.pop(convert.HEADS_KEY, None)
-    return {"text_config.json": text, "vit_config.json": qwen["vision_config"], "dino_config.json": dino}
+    # transformers leaves out vision keys equal to Qwen2VLVisionConfig's defaults: put them back.
+    vision = {**QWEN2VL_VISION_DEFAULTS, **qwen["vision_config"]}
+    return {"text_config.json": text, "vit_config.json": vision, "dino_config.json": dino}
 
 
 def official_name(public: str) -> str:

@@ -107,9 +107,10 @@ class Dinov2Embeddings(nnx.Module):
         self.cls_token = el.normal_param(rngs, (1, 1, c), names, param_dtype)
         self.register_tokens = el.normal_param(rngs, (1, cfg.num_registers, c), names, param_dtype)
         self.position_embeddings = el.normal_param(rngs, (1, cfg.pos_grid ** 2 + 1, c), names, param_dtype)
-        # Unused in the forward (DINOv2 masked pre-training only); zeros as the official initialisation.
+        # Unused in the forward (DINOv2 masked pre-training only); zeros as the official initialisation. No
+        # key is drawn from `rngs`, so every other parameter initialises as before the token was kept.
         self.mask_token = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), (None, "enc_embed"))(
-            rngs.params(), (1, c), param_dtype))
+            jax.random.key(0), (1, c), param_dtype))
         self.patch_embeddings = Dinov2PatchEmbeddings(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def position_table(self, h: int, w: int) -> jax.Array:

@@ -128,7 +128,7 @@ def train(cfg: config_lib.ExperimentConfig, *, evaluate: EvaluateHook | None = N
         start_step, state, data_state = restored
         _check_resume_config(manager, start_step, cfg, allow_config_change)
         train_iter.set_state(data_state)
-        if jax.process_index() == 0:  # on the console: a restart says where it picks up
+        if jax.process_index() == 0 and start_step < cfg.optim.total_steps:  # a restart says where it picks up
             print(f"resumed from step {start_step} of {cfg.optim.total_steps} ({cfg.checkpoint_dir})", flush=True)
     else:
         start_step = 0
