@@ -19,8 +19,9 @@ def free_port() -> int:
 
 
 def launch(num_processes: int, workdir: pathlib.Path, overrides: list[str], *, devices_per_process: int = 2,
-           heartbeat_timeout: int = 10) -> list[subprocess.Popen]:
-    """Starts the processes of one run; process i writes workdir/proc{i}.log (stdout and stderr)."""
+           heartbeat_timeout: int = 10, extra_args: tuple[str, ...] = ()) -> list[subprocess.Popen]:
+    """Starts the processes of one run; process i writes workdir/proc{i}.log (stdout and stderr).
+    `extra_args` are appended to every `g2vlm train` command line (e.g. '--allow-config-change')."""
     port = free_port()
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -30,7 +31,7 @@ def launch(num_processes: int, workdir: pathlib.Path, overrides: list[str], *, d
         cmd = [sys.executable, "-m", "g2vlm_jax.cli", "train", "--experiment", EXPERIMENT,
                "--set", f"workdir={workdir}", *[a for o in overrides for a in ("--set", o)],
                "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(num_processes), "--process-id", str(i),
-               "--heartbeat-timeout", str(heartbeat_timeout)]
+               "--heartbeat-timeout", str(heartbeat_timeout), *extra_args]
         log = open(workdir / f"proc{i}.log", "ab")
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT)))
     return procs

@@ -43,11 +43,12 @@ def test_peer_death_restart_and_restore_on_another_mesh(tmp_path):
     newest = manager.latest_step()
     assert newest is not None and newest >= 2
 
-    # 2. Restarting both processes resumes from the newest complete checkpoint and finishes.
+    # 2. Restarting both processes resumes from the newest complete checkpoint and finishes. (The test
+    # shortens the run to 2 more steps: another schedule, so the restart says so with --allow-config-change.)
     total = newest + 2
     logged_before = len(_train_steps(workdir))
     procs = multihost.launch(2, workdir, OVERRIDES + [f"optim.total_steps={total}"],
-                             devices_per_process=DEVICES_PER_PROCESS)
+                             devices_per_process=DEVICES_PER_PROCESS, extra_args=("--allow-config-change",))
     assert multihost.wait_all(procs, 600) == [0, 0], (workdir / "proc0.log").read_text()[-3000:]
     assert _train_steps(workdir)[logged_before:] == [newest + 1, newest + 2]
 
@@ -63,5 +64,5 @@ def test_peer_death_restart_and_restore_on_another_mesh(tmp_path):
     changed = [not np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(leaves, jax.tree.leaves(fresh.trainable))]
     assert any(changed), "the restored parameters equal the initialisation"
-    result = loop.train(cfg, run_final_eval=False)
+    result = loop.train(cfg, run_final_eval=False, allow_config_change=True)
     assert result.final_step == total + 2 and np.isfinite(result.last_metrics["loss"])

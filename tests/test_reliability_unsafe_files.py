@@ -46,8 +46,8 @@ def test_npz_converter_refuses_pickles_and_garbage(tmp_path):
     scene = _room_like(tmp_path / "a", buf.read_bytes())
     with pytest.raises(ValueError, match="condition.npz holds pickled object arrays, which g2vlm never loads"):
         npz_scenes.read_npz_scene(scene)
-    scene = _room_like(tmp_path / "b", pickle.dumps({"depths": 1}))  # a bare pickle named .npz
-    with pytest.raises(ValueError, match="condition.npz holds pickled object arrays, which g2vlm never loads"):
+    scene = _room_like(tmp_path / "b", pickle.dumps({"depths": 1}))  # a bare pickle named .npz: never opened
+    with pytest.raises(ValueError, match=r"condition.npz is not a .npz archive \(it starts with b'\\x80"):
         npz_scenes.read_npz_scene(scene)
     scene = _room_like(tmp_path / "c", b"PK\x03\x04 truncated zip")
     with pytest.raises(ValueError, match="condition.npz is not a readable .npz archive"):

@@ -586,7 +586,7 @@ def cmd_run(args) -> None:
 
     # ---- pose metrics ----
     import modeling.g2vlm.metric as metric_mod
-    gt_poses = np.load(FIXTURES / "condition.npz")["poses"].astype(np.float32)
+    gt_poses = np.load(FIXTURES / "condition.npz", allow_pickle=False)["poses"].astype(np.float32)
     recon_views = [int(pathlib.Path(n).stem) for n in str(rec["meta_image_files"]).split(",")]
     rec.update(metrics_reference(metric_mod, "recon", rec["recon_camera_poses"][0], gt_poses[recon_views]))
     rec.update(metrics_reference(metric_mod, "perturbed8", perturbed_poses(gt_poses), gt_poses))
@@ -632,7 +632,7 @@ def loss_reference(loss_mod, f32, size, stride=2) -> dict:
     import torch
 
     h, w = size
-    cond = np.load(FIXTURES / "condition.npz")
+    cond = np.load(FIXTURES / "condition.npz", allow_pickle=False)
     rng = np.random.default_rng(SEED + 1)
     views = [[0, 2, 4], [1, 3, 6]]
     B, N = len(views), 3
