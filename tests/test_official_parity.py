@@ -22,18 +22,12 @@ from g2vlm_jax.inference import chat, load, reconstruct
 from g2vlm_jax.inference import generate as gen
 from g2vlm_jax.metrics import pose
 from g2vlm_jax.tokenizer import load_tokenizer
+from tests.parity import TOLERANCE, relative_error
 
 OFFICIAL = pathlib.Path(__file__).parent / "golden" / "official"
 CKPT = OFFICIAL / "tiny_g2vlm"
 RGB = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pi3_room" / "rgb"
-TOLERANCE = 1e-4  # relative to the largest magnitude of the reference (issue #17)
 FLOAT32 = ["--set", "model.compute_dtype=float32"]
-
-
-def _relative_error(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +88,14 @@ def test_reconstruct_matches_the_official_recon(ref, converted, tmp_path):
                      "--out", str(out), *FLOAT32]) == 0
     cameras = json.loads((out / "cameras.json").read_text())
     c2w = np.array([view["c2w"] for view in cameras["views"]])
-    assert _relative_error(c2w, ref["recon_camera_poses"][0]) < TOLERANCE
+    assert relative_error(c2w, ref["recon_camera_poses"][0]) < TOLERANCE
     depth = np.stack([np.load(out / "depth" / f"{i:04d}.npy") for i in range(len(c2w))])
-    assert _relative_error(depth, ref["recon_local_points"][0, ..., 2]) < TOLERANCE
+    assert relative_error(depth, ref["recon_local_points"][0, ..., 2]) < TOLERANCE
 
     cfg, model = load.load_model(converted, ["model.compute_dtype=float32"])
     pred = reconstruct.predict(model, load_tokenizer(cfg.data.tokenizer), loaded)
-    assert _relative_error(pred["local_points"], ref["recon_local_points"][0]) < TOLERANCE
-    assert _relative_error(pred["world_points"], ref["recon_points"][0]) < TOLERANCE
+    assert relative_error(pred["local_points"], ref["recon_local_points"][0]) < TOLERANCE
+    assert relative_error(pred["world_points"], ref["recon_points"][0]) < TOLERANCE
 
 
 def test_chat_matches_the_official_chat_with_recon(ref, converted, capsys):
@@ -117,7 +111,7 @@ def test_chat_matches_the_official_chat_with_recon(ref, converted, capsys):
     out = gen.generate(model, load_tokenizer(cfg.data.tokenizer), [gen.Prompt(str(ref["chat_prompt"]), geo, sem)],
                        max_new_tokens=steps, keep_logits=True)
     # Official row i: logits after feeding ids[i] (ids[0] is the "\n" start token); ours: step i's logits.
-    assert _relative_error(out.logits[0], ref["chat_logits"]) < TOLERANCE
+    assert relative_error(out.logits[0], ref["chat_logits"]) < TOLERANCE
     assert out.token_ids[0][:steps - 1] == list(ref["chat_generated_ids"][1:])
 
     height, width = geo.shape[1:3]

@@ -22,19 +22,13 @@ from g2vlm_jax import checkpoint as ckpt_lib
 from g2vlm_jax import cli, convert, public_init
 from g2vlm_jax import config as C
 from g2vlm_jax.inference import load
+from tests.parity import TOLERANCE, relative_error
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PUBLIC = ROOT / "tests" / "golden" / "public"
 QWEN, DINO = PUBLIC / "qwen2vl", PUBLIC / "dinov2_reg"
 TINY = "experiments/tiny_synthetic.py:test"
 TWO_LAYERS = ["--set", "model.text.num_layers=2", "--set", "model.dino.num_layers=2"]  # the public tiny sizes
-TOLERANCE = 1e-4  # relative to the largest reference magnitude, float32 (issue #20)
-
-
-def _relative_error(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +59,10 @@ def test_imported_encoders_match_the_reference_implementations(full_model, ref):
     for suffix in ("_native", ""):
         images = jnp.asarray(ref[f"dino_images{suffix}_uint8"], jnp.float32) / 255
         tokens = nnx.jit(lambda m, x: m(x))(model.dino_model, images)
-        assert _relative_error(tokens, ref[f"dino_last_hidden{suffix}"][:, 1 + 4:]) < TOLERANCE  # patch tokens
+        assert relative_error(tokens, ref[f"dino_last_hidden{suffix}"][:, 1 + 4:]) < TOLERANCE  # patch tokens
     images = jnp.asarray(ref["vit_images_uint8"], jnp.float32) / 255
     tokens = nnx.jit(lambda m, x: m(x))(model.vit_model, images)
-    assert _relative_error(np.asarray(tokens).reshape(-1, tokens.shape[-1]), ref["vit_tokens"]) < TOLERANCE
+    assert relative_error(np.asarray(tokens).reshape(-1, tokens.shape[-1]), ref["vit_tokens"]) < TOLERANCE
 
 
 def test_every_public_tensor_is_used_and_the_rest_initialised_as_spec(full_model):
