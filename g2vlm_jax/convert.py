@@ -389,7 +389,7 @@ class LazySafetensors(Mapping):
         return len(self._where)
 
 
-def _weight_files(ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
+def weight_files(ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
     """model.safetensors, or the shards of model.safetensors.index.json; pickles are refused."""
     if (ckpt_dir / WEIGHTS_FILE).is_file():
         return [ckpt_dir / WEIGHTS_FILE]
@@ -412,7 +412,7 @@ def read_official_dir(ckpt_dir: str | pathlib.Path) -> tuple[config_lib.ModelCon
     if not ckpt_dir.is_dir():
         raise ValueError(f"{ckpt_dir} is not a directory; pass the downloaded G2VLM checkpoint directory")
     cfg = config_from_official(ckpt_dir)
-    return cfg, LazySafetensors(_weight_files(ckpt_dir))
+    return cfg, LazySafetensors(weight_files(ckpt_dir))
 
 
 def load_official_dir(ckpt_dir: str | pathlib.Path,

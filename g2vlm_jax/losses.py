@@ -280,7 +280,7 @@ def sample_loss(pred: dict, world, valid, gt_poses, normal_enabled, cfg: LossCon
                         if "global_points" in pred else jnp.zeros((), jnp.float32))}
     terms["cam_trans"], terms["cam_rot"], _ = camera_loss(pred_poses, gt_poses, scale, cfg.translation_weight,
                                                           cfg.subtract_floors)
-    own = dict(terms, local=terms["local"] / (3 * count), **{"global": terms["global"] / (3 * count)})
+    own = {**terms, "local": terms["local"] / (3 * count), "global": terms["global"] / (3 * count)}
     return terms, _combine(own, cfg)
 
 

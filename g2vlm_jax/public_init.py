@@ -119,8 +119,8 @@ def init_from_public(qwen2vl_dir, dinov2_dir, cfg: config_lib.ModelConfig, *, se
     del fresh
     loaded: dict[str, str] = {}
     ignored: dict[str, str] = {}
-    sources = ((convert.LazySafetensors(convert._weight_files(qwen2vl_dir)), official_name, qwen2vl_dir),
-               (convert.LazySafetensors(convert._weight_files(dinov2_dir)),
+    sources = ((convert.LazySafetensors(convert.weight_files(qwen2vl_dir)), official_name, qwen2vl_dir),
+               (convert.LazySafetensors(convert.weight_files(dinov2_dir)),
                 lambda n: "dino_model." + n.removeprefix("dinov2_with_registers."), dinov2_dir))
     for tensors, rename, folder in sources:
         for name in tensors.keys():

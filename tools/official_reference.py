@@ -261,7 +261,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
 
 
 class _Anything:
-    """Import-time placeholder of a stubbed library: any attribute / call gives another placeholder."""
+    """A name inside an import-only module (below): the official code imports it at module level but the
+    reference path never calls it; any attribute is another such name, calling one is an error."""
 
     def __init__(self, name):
         self._name = name
@@ -270,20 +271,21 @@ class _Anything:
         return _Anything(f"{self._name}.{item}")
 
     def __call__(self, *a, **k):
-        raise NotImplementedError(f"{self._name} is a CPU stub; the reference path should not call it")
+        raise RuntimeError(f"{self._name} was only imported (torchvision/cv2/open3d are not installed in the "
+                           "reference venv); the reference path must not call it")
 
     def __mro_entries__(self, bases):
         return (object,)
 
 
-class _StubModule(types.ModuleType):
+class _ImportOnlyModule(types.ModuleType):
     def __getattr__(self, item):
         if item.startswith("__"):
             raise AttributeError(item)
         return _Anything(f"{self.__name__}.{item}")
 
 
-def install_stubs() -> None:
+def install_import_only_modules() -> None:
     import numpy as np
     import torch
 
@@ -308,14 +310,14 @@ def install_stubs() -> None:
                 arr = arr[:, :, None]
             return torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
 
-    tv = _StubModule("torchvision")
-    tr = _StubModule("torchvision.transforms")
+    tv = _ImportOnlyModule("torchvision")
+    tr = _ImportOnlyModule("torchvision.transforms")
     tr.Normalize, tr.ToTensor = Normalize, ToTensor
     tv.transforms = tr
     for name, mod in {"torchvision": tv, "torchvision.transforms": tr,
-                      "torchvision.transforms.functional": _StubModule("torchvision.transforms.functional"),
-                      "torchvision.utils": _StubModule("torchvision.utils"),
-                      "cv2": _StubModule("cv2"), "open3d": _StubModule("open3d")}.items():
+                      "torchvision.transforms.functional": _ImportOnlyModule("torchvision.transforms.functional"),
+                      "torchvision.utils": _ImportOnlyModule("torchvision.utils"),
+                      "cv2": _ImportOnlyModule("cv2"), "open3d": _ImportOnlyModule("open3d")}.items():
         mod.__spec__ = importlib.machinery.ModuleSpec(name, None)  # transformers probes find_spec
         sys.modules[name] = mod
 
@@ -356,7 +358,7 @@ def cmd_run(args) -> None:
     src = pathlib.Path(args.official_src).resolve()
     ckpt = pathlib.Path(args.ckpt).resolve()
     sys.path[:0] = [str(src), str(src / "modeling")]
-    install_stubs()
+    install_import_only_modules()
 
     import g2vlm_utils  # noqa: F401  (imports everything the official loader imports)
     import modeling.g2vlm.dinov2_model as dino_mod
@@ -493,22 +495,18 @@ def cmd_run(args) -> None:
     wrap("forward_cache_update_text", "text")
     wrap("forward_cache_update_vit", "vit")
     wrap("forward_cache_update_dino", "dino", record_out=True)
-    orig_start = model.prepare_start_tokens
+    def record_output(name, key):
+        original = getattr(model, name)
 
-    def start_tokens(*a, **k):
-        out = orig_start(*a, **k)
-        log["start"].append(out)
-        return out
+        def recorded(*a, **k):
+            out = original(*a, **k)
+            log[key].append(out)
+            return out
 
-    model.prepare_start_tokens = start_tokens
-    orig_gen = model.generate_text
+        setattr(model, name, recorded)
 
-    def gen(*a, **k):
-        out = orig_gen(*a, **k)
-        log["generated"].append(out)
-        return out
-
-    model.generate_text = gen
+    record_output("prepare_start_tokens", "start")
+    record_output("generate_text", "generated")
     model.language_model.lm_head.register_forward_hook(lambda m, i, o: log["logits"].append(o.detach().clone()))
     dino_out: list = []
     model.dino_model.register_forward_hook(lambda m, i, o: dino_out.append(o.detach().clone()))

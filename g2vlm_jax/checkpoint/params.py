@@ -14,6 +14,7 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
@@ -44,7 +45,7 @@ ADDED_PARAMETERS = ("dino_model/embeddings/mask_token",)  # kept since 2026-12 f
 
 def load_params(directory: str | pathlib.Path, target: dict[str, jax.ShapeDtypeStruct] | None = None) -> tuple[dict, dict]:
     """Reads a params-only checkpoint: (flat params, metadata). `target` places arrays with shardings;
-    an `ADDED_PARAMETERS` name the checkpoint predates is left out of the result (callers keep zeros)."""
+    an `ADDED_PARAMETERS` name of `target` that the checkpoint predates comes back as zeros."""
     folder = open_checkpoint(directory, expect=(PARAMS,))
     directory, metadata = folder.path, folder.metadata()
     with ocp.StandardCheckpointer() as checkpointer:
@@ -54,12 +55,16 @@ def load_params(directory: str | pathlib.Path, target: dict[str, jax.ShapeDtypeS
         absent = [name for name in ADDED_PARAMETERS if name in target and name not in stored]
         if absent:
             logging.warning("%s predates parameters %s (unused by the forward); they load as zeros", directory, absent)
-            target = {k: v for k, v in target.items() if k not in absent}
-        missing = sorted(set(target) - stored)
+        missing = sorted(set(target) - stored - set(absent))
         if missing:
             raise ValueError(f"{directory}: params checkpoint lacks {len(missing)} tensors the model has (first: "
                              f"{missing[:5]}); is it a checkpoint of another model config?")
-        return checkpointer.restore(directory / "params", target), metadata
+        params = checkpointer.restore(directory / "params", {k: v for k, v in target.items() if k not in absent})
+    for name in absent:
+        zeros = np.zeros(target[name].shape, target[name].dtype)
+        sharding = getattr(target[name], "sharding", None)
+        params[name] = jax.device_put(zeros, sharding) if sharding is not None else zeros
+    return params, metadata
 
 
 def _place(params: nnx.State, flat: dict, where: str) -> nnx.State:

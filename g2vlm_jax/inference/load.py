@@ -69,9 +69,6 @@ def _load_params_only(folder: ckpt_lib.CheckpointFolder, overrides) -> tuple[con
     graphdef, abstract = nnx.split(model)
     target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in ckpt_lib.flat_params(abstract).items()}
     params, _ = ckpt_lib.load_params(path, target)
-    for name in ckpt_lib.ADDED_PARAMETERS:  # a checkpoint that predates them: zeros (load_params warned)
-        if name in target and name not in params:
-            params[name] = jax.numpy.zeros(target[name].shape, target[name].dtype)
     flat = nnx.to_flat_state(abstract)
     for key, var in flat:
         var.set_value(params["/".join(str(k) for k in key)])
