@@ -5,6 +5,8 @@
     g2vlm convert-data {npz,scannet,spar,vqa} SRC OUT_DIR [...]   (see `g2vlm convert-data -h`)
     g2vlm reconstruct --checkpoint DIR --images FOLDER --out OUT [--width W]
     g2vlm chat    --checkpoint DIR [--images FILE ...] [--frames FOLDER] --question "..."
+    g2vlm benchmark --suite NAME --data DIR --checkpoint CKPT [--out DIR] [--width W] [--max-units N]
+                  (the papers' depth / point-map / pose / spatial-QA protocols; docs/BENCHMARKS.md)
     g2vlm export  --checkpoint DIR --out OUT [--experiment E] [--dtype bfloat16] [--official]
     g2vlm convert --official CKPT_DIR --out OUT      (official release -> our params-only checkpoint)
     g2vlm convert --to-official --checkpoint DIR --out OUT   (ours -> the official release layout)
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 
 from g2vlm_jax import config as config_lib
@@ -31,6 +34,10 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.total_steps=100 (repeatable)")
     p.add_argument("--workdir", default="", help="run directory (default: runs/<experiment name>)")
+    _distributed_args(p)
+
+
+def _distributed_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-process (one process per host; see README 'Running on a TPU pod')")
     g.add_argument("--distributed", choices=("off", "auto", "explicit"), default="off",
                    help="auto: jax.distributed.initialize() detects the cluster (TPU pods, SLURM); explicit: "
@@ -79,9 +86,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "fix your input" (imported lazily: `g2vlm -h` stays fast)."""
     from data_pipelines.records import BadRecordError
     from g2vlm_jax.checkpoint import CheckpointMismatchError
+    from g2vlm_jax.evaluation.benchmarks.base import DatasetLayoutError
 
-    return (config_lib.ConfigError, CheckpointMismatchError, BadRecordError, FileNotFoundError, FileExistsError,
-            ValueError)
+    return (config_lib.ConfigError, CheckpointMismatchError, BadRecordError, DatasetLayoutError, FileNotFoundError,
+            FileExistsError, ValueError)
 
 
 
@@ -170,6 +178,29 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_benchmark(args) -> int:
+    import jax
+
+    from g2vlm_jax.evaluation import benchmarks
+    from g2vlm_jax.evaluation.benchmarks import predictor as predictor_lib, runner
+
+    suite = benchmarks.get_suite(args.suite)
+    out = args.out or f"runs/benchmarks/{suite.name}"
+    runner.check_max_units(args.max_units)
+    predictor_lib.check_width(args.width)
+    suite.units(args.data)  # a wrong --data layout is reported before the model is loaded
+    prepare_output_dir(out, "--out")
+    # every process evaluates its own units, so each keeps the model on its own devices
+    devices = jax.local_devices() if jax.process_count() > 1 else None
+    model = predictor_lib.ModelPredictor.load(args.checkpoint, width=args.width, overrides=args.overrides,
+                                              devices=devices)
+    report = runner.run_benchmark(suite, model, args.data, out, max_units=args.max_units, checkpoint=args.checkpoint)
+    if report is not None:
+        print((pathlib.Path(out) / "report.md").read_text(), end="")
+        print(f"report: {pathlib.Path(out) / 'report.json'}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from g2vlm_jax import export
 
@@ -250,6 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("benchmark", help="evaluate a checkpoint on a paper's benchmark suite (resumable; "
+                                         "report.json + report.md)")
+    _inference_args(p)
+    p.add_argument("--suite", required=True, help="suite name (docs/BENCHMARKS.md; an unknown name lists them)")
+    p.add_argument("--data", required=True, help="the dataset folder in its released layout (docs/BENCHMARKS.md)")
+    p.add_argument("--out", default="", help="output directory; the same command resumes there (default: "
+                                             "runs/benchmarks/<suite>)")
+    p.add_argument("--width", type=int, default=None,
+                   help="frame width in pixels (default: the checkpoint's experiment width; 518 for the official model)")
+    p.add_argument("--max-units", type=int, default=None, help="only the first N units (a quick check)")
+    _distributed_args(p)
+    p.set_defaults(func=cmd_benchmark)
     p = sub.add_parser("export", help="params-only checkpoint for serving (and the official layout)")
     p.add_argument("--checkpoint", required=True, help="training run directory or params-only checkpoint")
     p.add_argument("--out", required=True)

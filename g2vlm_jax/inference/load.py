@@ -39,19 +39,24 @@ def _relative_tokenizer(cfg: config_lib.ExperimentConfig, base: pathlib.Path) ->
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=f"{kind}:{base / where}"))
 
 
-def load_model(checkpoint: str | pathlib.Path, overrides=()) -> tuple[config_lib.ExperimentConfig, nnx.Module]:
-    """(experiment config, model with the checkpoint's parameters) from a run dir or a params-only dir."""
+def load_model(checkpoint: str | pathlib.Path, overrides=(), devices=None) -> tuple[config_lib.ExperimentConfig, nnx.Module]:
+    """(experiment config, model with the checkpoint's parameters) from a run dir or a params-only dir.
+
+    `devices`: the devices a run directory's model is placed on (default: all devices of the run);
+    processes that run different inputs (the benchmark's units) each pass their `jax.local_devices()`.
+    A params-only checkpoint's arrays are not placed on a mesh, so `devices` does not apply to it.
+    """
     folder = ckpt_lib.open_checkpoint(checkpoint, expect=(ckpt_lib.RUN, ckpt_lib.PARAMS))
     if folder.kind == ckpt_lib.PARAMS:
         return _load_params_only(folder, overrides)
-    return _load_run(folder, overrides)
+    return _load_run(folder, overrides, devices)
 
 
-def _load_run(folder: ckpt_lib.CheckpointFolder, overrides) -> tuple[config_lib.ExperimentConfig, nnx.Module]:
+def _load_run(folder: ckpt_lib.CheckpointFolder, overrides, devices=None) -> tuple[config_lib.ExperimentConfig, nnx.Module]:
     cfg = _config_from_metadata(folder.metadata(), f"the newest checkpoint of {folder.checkpoints}", overrides)
     cfg = dataclasses.replace(cfg, workdir=str(folder.path))
     manager = ckpt_lib.make_manager(folder.checkpoints, cfg.checkpoint, read_only=True)
-    mesh = sharding_lib.make_mesh(cfg.mesh)
+    mesh = sharding_lib.make_mesh(cfg.mesh, devices)
     spec, state, shardings = state_lib.create_train_state(cfg, mesh)
     restored = ckpt_lib.restore_latest(manager, state, shardings, cfg)
     if restored is None:

@@ -55,6 +55,19 @@ def list_images(folder: str | pathlib.Path) -> list[pathlib.Path]:
     return sorted(files, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
 
 
+def frame_size(height: int, width: int, target_width: int) -> tuple[int, int]:
+    """(h, w) the official loader resizes a first image of (height, width) to: `target_width` floored to a
+    multiple of 14 (at least 14) wide, round(height * w / width / 14) * 14 high (at least 14). Every
+    consumer of model frames (reconstruct, chat, the benchmarks' predictor) sizes frames by this rule."""
+    w = max(14, target_width // 14 * 14)
+    return max(14, round(height * w / width / 14) * 14), w
+
+
+def resize_frame(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """One RGB image -> uint8[h, w, 3] at size (h, w) with PIL's Lanczos filter (the official resize)."""
+    return np.asarray(img.convert("RGB").resize((size[1], size[0]), Image.LANCZOS))
+
+
 def load_images(files: list[pathlib.Path], width: int) -> np.ndarray:
     """Images resized as the official loader does (module docstring) -> uint8[V, H, W, 3]."""
     out, size, first, stretched = [], None, None, []
@@ -64,19 +77,17 @@ def load_images(files: list[pathlib.Path], width: int) -> np.ndarray:
             img.load()
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"image {f} cannot be decoded ({e}); remove or replace it") from e
-        img = img.convert("RGB")
         if size is None:
-            w = max(14, width // 14 * 14)
-            size = (w, max(14, round(img.height * w / img.width / 14) * 14))
+            size = frame_size(img.height, img.width, width)
             first = (f.name, img.width, img.height)
         elif abs(img.width * first[2] - img.height * first[1]) > 0.01 * first[1] * img.height:
             stretched.append(f"{f.name} {img.width}x{img.height}")
-        out.append(np.asarray(img.resize(size, Image.LANCZOS)))
+        out.append(resize_frame(img, size))
     if stretched:
         logging.warning("%d of %d images have another aspect ratio than the first (%s %dx%d), e.g. %s; all are "
                         "resized to %dx%d as the official loader does, which stretches them: crop them to one "
                         "aspect ratio for undistorted geometry", len(stretched), len(files), *first,
-                        ", ".join(stretched[:3]), *size)
+                        ", ".join(stretched[:3]), size[1], size[0])
     return np.stack(out)
 
 

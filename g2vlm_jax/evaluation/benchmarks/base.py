@@ -9,6 +9,7 @@ processes of a multi-process run take every n-th unit and process 0 summarises a
     suite.units(data_dir)                   -> sorted unit names (deterministic; no model needed)
     suite.evaluate(predictor, data_dir, u)  -> JSON-serialisable result rows of unit u
     suite.summarize(rows)                   -> {table row label: {column: value}} as the paper's table
+    suite.protocol()                        -> its settings as JSON (optional; default {})
 """
 from __future__ import annotations
 
@@ -59,3 +60,9 @@ class Suite(abc.ABC):
     @abc.abstractmethod
     def summarize(self, rows: list[dict]) -> dict[str, dict[str, float]]:
         """Rows of every unit -> the report's table: {row label: {column: value}}."""
+
+    def protocol(self) -> dict:
+        """The protocol's settings (frame sampling, alignment, caps, ...) as JSON, recorded in every unit file
+        and the report, so results of other settings are never mixed. Optional: a suite without settings
+        records {}."""
+        return {}
