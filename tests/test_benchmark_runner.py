@@ -156,7 +156,7 @@ def test_cli_benchmark_on_a_tiny_checkpoint(tiny_trained_run, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     values = report["table"]["NYU-v2 (mono)"]
-    assert report["units"] == 1 and report["checkpoint"] == str(tiny_trained_run)
+    assert report["units"] == 1 and report["checkpoint"] == str(tiny_trained_run) and report["frame_width"] == 28
     assert 0 <= values["abs_rel"] < 10 and 0 <= values["delta_1.25"] <= 1
     assert "| NYU-v2 (mono) |" in done.stdout and str(out / "report.json") in done.stdout
     (row_a, row_b) = json.loads((out / "units" / "images-0000-0001.json").read_text())["rows"]
@@ -174,3 +174,48 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and str(tmp_path / "missing" / "final" / "alley_2") in err
     assert cli.main(base + ["--suite", "nyu-v2-mono", "--width", "7"]) == 2
     assert "--width 7" in capsys.readouterr().err
+
+
+def _kitti_layout(root, drives=("2011_09_26_drive_0002_sync_02", "2011_09_26_drive_0005_sync_02")):
+    rng = np.random.default_rng(1)
+    for drive in drives:
+        (root / "image_gathered" / drive).mkdir(parents=True)
+        (root / "groundtruth_depth_gathered" / drive).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (42, 56, 3), dtype=np.uint8)).save(
+            root / "image_gathered" / drive / "0000000005.png")
+        depth = np.zeros((42, 56), np.uint16)
+        depth[::2] = 256 * 12  # 12 m on every other row, 0 (no LiDAR point) elsewhere
+        Image.fromarray(depth).save(root / "groundtruth_depth_gathered" / drive / "0000000005.png")
+
+
+def test_cli_two_processes_write_the_one_process_report(tiny_trained_run, tmp_path):
+    """Two `g2vlm benchmark` processes (jax.distributed on 127.0.0.1) each evaluate one of the two KITTI drives
+    with their own copy of the model; process 0 writes the report one process writes."""
+    from tests import multihost
+
+    _kitti_layout(tmp_path / "kitti")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    base = [sys.executable, "-m", "g2vlm_jax.cli", "benchmark", "--suite", "kitti-mono", "--data",
+            str(tmp_path / "kitti"), "--checkpoint", str(tiny_trained_run), "--width", "28"]
+    port = multihost.free_port()
+    procs = [subprocess.Popen(base + ["--out", str(tmp_path / "two"), "--coordinator", f"127.0.0.1:{port}",
+                                      "--num-processes", "2", "--process-id", str(i)],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    units = sorted(p.name for p in (tmp_path / "two" / "units").iterdir())
+    assert units == ["2011_09_26_drive_0002_sync_02.json", "2011_09_26_drive_0005_sync_02.json"]
+    one = subprocess.run(base + ["--out", str(tmp_path / "one")], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two_report = json.loads((tmp_path / "two" / "report.json").read_text())
+    one_report = json.loads((tmp_path / "one" / "report.json").read_text())
+    for label, values in one_report["table"].items():
+        assert two_report["table"][label] == pytest.approx(values, rel=1e-5)  # the same programs, other processes
+    assert {k: v for k, v in two_report.items() if k != "table"} == {k: v for k, v in one_report.items() if k != "table"}

@@ -3,7 +3,7 @@
     OUT/units/<unit>.json   one file per finished unit: {suite, unit, protocol, rows}, written atomically
                             (a temporary file renamed into place), so a killed run leaves only whole files
                             and the same command continues with the units that have none
-    OUT/report.json         suite, data dir, checkpoint, protocol, unit counts and the table
+    OUT/report.json         suite, data dir, checkpoint, frame width, protocol, unit counts and the table
                             {row label: {column: value}} of suite.summarize over every unit's rows
     OUT/report.md           the table laid out as the paper's (rows x suite.columns, plus their mean)
 
@@ -78,7 +78,7 @@ def _json_number(x):
 
 
 def build_report(suite: Suite, data_dir: pathlib.Path, out_dir: pathlib.Path, units: list[str], *,
-                 checkpoint: str = "", all_units: int | None = None) -> dict:
+                 checkpoint: str = "", frame_width: int | None = None, all_units: int | None = None) -> dict:
     """The report of the finished `units` (every one must have its file)."""
     missing = [u for u in units if not unit_file(out_dir, u).exists()]
     if missing:
@@ -86,7 +86,7 @@ def build_report(suite: Suite, data_dir: pathlib.Path, out_dir: pathlib.Path, un
                            f"{missing[0]}): a process stopped early; run the same command again to finish them")
     rows = [row for u in units for row in _read_unit(unit_file(out_dir, u), suite)]
     return {"suite": suite.name, "kind": suite.kind, "source": suite.source, "data_dir": str(data_dir),
-            "checkpoint": checkpoint, "protocol": suite.protocol(), "columns": list(suite.columns),
+            "checkpoint": checkpoint, "frame_width": frame_width, "protocol": suite.protocol(), "columns": list(suite.columns),
             "units": len(units), "units_in_dataset": len(units) if all_units is None else all_units,
             "rows": len(rows), "table": suite.summarize(rows)}
 
@@ -100,7 +100,8 @@ def report_markdown(report: dict) -> str:
     partial = (f" (first {report['units']} of {report['units_in_dataset']} units: --max-units)"
                if report["units"] < report["units_in_dataset"] else "")
     lines = [f"# {report['suite']}", "",
-             f"Data: `{report['data_dir']}`; checkpoint: `{report['checkpoint'] or '-'}`; {report['units']} units, "
+             f"Data: `{report['data_dir']}`; checkpoint: `{report['checkpoint'] or '-'}`"
+             f"{'' if report['frame_width'] is None else ' at width ' + str(report['frame_width'])}; {report['units']} units, "
              f"{report['rows']} result rows{partial}. Protocol: {report['source']}.", "",
              "| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for label, values in table.items():
@@ -139,7 +140,8 @@ def run_benchmark(suite: Suite, predictor: Predictor, data_dir, out_dir, *, max_
     meeting.wait(f"benchmark {suite.name}: every unit evaluated")
     if index != 0:
         return None
-    report = build_report(suite, data_dir, out_dir, selected, checkpoint=checkpoint, all_units=len(units))
+    report = build_report(suite, data_dir, out_dir, selected, checkpoint=checkpoint,
+                          frame_width=getattr(predictor, "width", None), all_units=len(units))
     write_atomically(out_dir / "report.json", json.dumps(report, indent=1))
     write_atomically(out_dir / "report.md", report_markdown(report))
     return report
