@@ -15,7 +15,7 @@ def test_help_lists_every_subcommand(capsys):
         cli.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for command in ("train", "eval", "convert-data", "reconstruct", "chat", "export", "convert"):
+    for command in ("train", "eval", "convert-data", "reconstruct", "chat", "benchmark", "export", "convert"):
         assert command in out
 
 
