@@ -143,12 +143,19 @@ def test_seven_scenes_reader_units_and_conventions(tmp_path):
     np.testing.assert_allclose(frame.intrinsics, _k_7scenes())  # 525 / (320, 240) at 640x480, scaled
     # A pixel at the principal point unprojects to the camera centre + depth along the camera's z axis.
     suite = SUITES["7scenes-dense"]
-    gt, valid = suite.ground_truth([frame], (H, W))
-    assert not valid[0, 1, 1] and not valid[0, 0, 0] and valid.sum() == H * W - 2
+    gt, valid = suite.ground_truth(frame, (H, W))
+    assert not valid[1, 1] and not valid[0, 0] and valid.sum() == H * W - 2
     u, v = 5, 4
     cam = np.array([(u - frame.intrinsics[0, 2]) / frame.intrinsics[0, 0],
                     (v - frame.intrinsics[1, 2]) / frame.intrinsics[1, 1], 1.0]) * frame.depth[v, u]
-    np.testing.assert_allclose(gt[0, v, u], _rotation(40) @ cam + _pose(40)[:3, 3], atol=1e-9)
+    np.testing.assert_allclose(gt[v, u], _rotation(40) @ cam + _pose(40)[:3, 3], atol=1e-9)
+    # At half the size, pixel (2, 2) covers full-size pixels 4..5 (centre 4.5): PIL's nearest neighbour takes
+    # the depth of pixel 5 and the scaled intrinsics unproject it at 4.5.
+    half, half_valid = suite.ground_truth(frame, (H // 2, W // 2))
+    assert half.shape == (H // 2, W // 2, 3) and half_valid.sum() == (H // 2) * (W // 2) - 1  # (1, 1) had 65535
+    cam = np.array([(4.5 - frame.intrinsics[0, 2]) / frame.intrinsics[0, 0],
+                    (4.5 - frame.intrinsics[1, 2]) / frame.intrinsics[1, 1], 1.0]) * frame.depth[5, 5]
+    np.testing.assert_allclose(half[2, 2], _rotation(40) @ cam + _pose(40)[:3, 3], atol=1e-9)
 
 
 def test_nrgbd_poses_are_converted_from_opengl(tmp_path):

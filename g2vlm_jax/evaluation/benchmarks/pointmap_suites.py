@@ -225,23 +225,27 @@ class PointMapSuite(Suite):
     def units(self, data_dir):
         return self.dataset.sequences(pathlib.Path(data_dir))
 
-    def ground_truth(self, frames: list[Frame], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """GT world points float64[V, h, w, 3] and valid bool[V, h, w] at the prediction's size (h, w)."""
-        points, valid = [], []
-        for f in frames:
-            depth = formats.resize_depth_nearest(f.depth, size)
-            k = formats.scale_intrinsics(f.intrinsics, f.depth.shape, size)
-            ok = self.dataset.valid(depth)
-            points.append(geometry.depth_to_world_points(np.where(ok, depth, 0.0), k, f.c2w))
-            valid.append(ok & np.isfinite(points[-1]).all(-1))
-        return np.stack(points), np.stack(valid)
+    def ground_truth(self, frame: Frame, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """GT world points float64[h, w, 3] and valid bool[h, w] of one frame at the prediction's size (h, w)."""
+        depth = formats.resize_depth_nearest(frame.depth, size)
+        k = formats.scale_intrinsics(frame.intrinsics, frame.depth.shape, size)
+        ok = self.dataset.valid(depth)
+        points = geometry.depth_to_world_points(np.where(ok, depth, 0.0), k, frame.c2w)
+        return points, ok & np.isfinite(points).all(-1)
 
     def evaluate(self, predictor: Predictor, data_dir, unit):
         root = pathlib.Path(data_dir)
         ids = list(range(0, self.dataset.num_frames(root, unit), self.keyframe_every))
-        frames = [self.dataset.frame(root, unit, i) for i in ids]
-        pred = np.asarray(predictor.reconstruct([f.image for f in frames])["world_points"], np.float64)
-        gt, valid = self.ground_truth(frames, pred.shape[1:3])
+        images, gt, valid, size = [], [], [], None
+        for i in ids:  # full-size GT depth is dropped frame by frame (ETH3D frames are 24 Mpixel)
+            frame = self.dataset.frame(root, unit, i)
+            size = size or predictor.input_size(*frame.depth.shape)
+            points, ok = self.ground_truth(frame, size)
+            images.append(frame.image), gt.append(points), valid.append(ok)
+        pred = np.asarray(predictor.reconstruct(images)["world_points"], np.float64)
+        if pred.shape[1:3] != tuple(size):
+            raise ValueError(f"the predictor returned {pred.shape[1:3]} point maps for input size {size}")
+        gt, valid = np.stack(gt), np.stack(valid)
         scores = pointmap.pointmap_metrics(pred[valid], gt[valid], align=ALIGN, icp_threshold=ICP_THRESHOLD,
                                            max_points=MAX_POINTS)
         return [{"unit": unit, "frames": ids, **scores}]
