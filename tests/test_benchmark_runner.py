@@ -95,10 +95,13 @@ def test_a_kill_while_writing_leaves_no_unit_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, RecordingPredictor())
     assert sorted(p.name for p in (tmp_path / "units").glob("*.json")) == ["a.json"]  # b/c is not taken as done
+    assert [p.name for p in (tmp_path / "units").glob(".b__c.json.*.tmp")]  # what the kill left behind
     monkeypatch.setattr(runner.os, "replace", real_replace)
     again = RecordingPredictor()
     _run(tmp_path, again)
     assert again.asked == ["b/c", "d", "e", "f"]
+    assert sorted(p.name for p in (tmp_path / "units").iterdir()) == ["a.json", "b__c.json", "d.json", "e.json",
+                                                                      "f.json"]  # the leftover is cleared
 
 
 def test_processes_share_the_units_and_process_0_writes_the_one_process_report(tmp_path):

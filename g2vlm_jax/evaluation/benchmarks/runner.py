@@ -14,6 +14,7 @@ suite and protocol), never mixed in.
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -58,6 +59,8 @@ def evaluate_units(suite: Suite, predictor: Predictor, data_dir: pathlib.Path, o
     for u, path in files.items():
         if path.exists():
             _read_unit(path, suite)  # a finished unit of another suite / protocol is refused before any work
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # a write killed before its rename;
+            stale.unlink()  # only this process writes its units, so no other process is writing this one
     todo = [u for u in units if not files[u].exists()]
     bar = progress(total=len(units), initial=len(units) - len(todo), desc=suite.name, unit="unit",
                    disable=None if show_progress else True)
