@@ -220,7 +220,8 @@ class PointMapSuite(Suite):
     def protocol(self) -> dict:
         return {"keyframe_every": self.keyframe_every, "align": ALIGN, "icp_threshold_m": ICP_THRESHOLD,
                 "normals": "pca_30_neighbours", "max_points": MAX_POINTS,
-                "depth_range_m": [self.dataset.min_depth, self.dataset.max_depth], "average": "mean over sequences"}
+                "depth_range_m": [self.dataset.min_depth, None if np.isinf(self.dataset.max_depth) else
+                                  self.dataset.max_depth], "average": "mean over sequences"}
 
     def units(self, data_dir):
         return self.dataset.sequences(pathlib.Path(data_dir))
