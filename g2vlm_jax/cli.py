@@ -86,10 +86,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "fix your input" (imported lazily: `g2vlm -h` stays fast)."""
     from data_pipelines.records import BadRecordError
     from g2vlm_jax.checkpoint import CheckpointMismatchError
-    from g2vlm_jax.evaluation.benchmarks.base import DatasetLayoutError
 
-    return (config_lib.ConfigError, CheckpointMismatchError, BadRecordError, DatasetLayoutError, FileNotFoundError,
-            FileExistsError, ValueError)
+    # ValueError includes the benchmarks' DatasetLayoutError (a missing / malformed dataset file); importing it
+    # here would load the evaluation package (jax) before every command
+    return (config_lib.ConfigError, CheckpointMismatchError, BadRecordError, FileNotFoundError, FileExistsError,
+            ValueError)
 
 
 
