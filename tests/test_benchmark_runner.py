@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from g2vlm_jax import cli
-from g2vlm_jax.evaluation.benchmarks import runner
+from g2vlm_jax.evaluation.benchmarks import SUITES, runner
+from g2vlm_jax.evaluation.benchmarks.predictor import ModelPredictor
 from g2vlm_jax.evaluation.benchmarks.base import Suite
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -214,11 +215,24 @@ def test_cli_two_processes_write_the_one_process_report(tiny_trained_run, tmp_pa
         assert p.returncode == 0, err[-3000:]
     units = sorted(p.name for p in (tmp_path / "two" / "units").iterdir())
     assert units == ["2011_09_26_drive_0002_sync_02.json", "2011_09_26_drive_0005_sync_02.json"]
-    one = subprocess.run(base + ["--out", str(tmp_path / "one")], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
+    # the same suite in this one process, through the library
+    model = ModelPredictor.load(tiny_trained_run, width=28)
+    one_report = runner.run_benchmark(SUITES["kitti-mono"], model, tmp_path / "kitti", tmp_path / "one",
+                                      checkpoint=str(tiny_trained_run))
     two_report = json.loads((tmp_path / "two" / "report.json").read_text())
-    one_report = json.loads((tmp_path / "one" / "report.json").read_text())
     for label, values in one_report["table"].items():
         assert two_report["table"][label] == pytest.approx(values, rel=1e-5)  # the same programs, other processes
     assert {k: v for k, v in two_report.items() if k != "table"} == {k: v for k, v in one_report.items() if k != "table"}
+
+
+def test_model_predictor_sizes_frames_and_answers(tiny_trained_run):
+    model = ModelPredictor.load(tiny_trained_run, width=28)
+    assert model.width == 28 and model.input_size(42, 56) == (28, 28) and model.input_size(300, 100) == (84, 28)
+    images = [np.full((42, 56, 3), 40 * i, np.uint8) for i in range(2)]
+    out = model.reconstruct(images)
+    assert out["local_points"].shape == out["world_points"].shape == (2, 28, 28, 3) and out["c2w"].shape == (2, 4, 4)
+    assert np.isfinite(out["local_points"]).all()
+    assert ModelPredictor(model.cfg, model.model, model.tok).width == model.cfg.data.image_size[1]  # the default
+    assert isinstance(model.answer("How far is the wall?", [], max_new_tokens=2), str)
+    with pytest.raises(ValueError, match="reconstruction only"):  # tiny_synthetic:test has no ViT
+        model.answer("How far is the wall?", images)
