@@ -29,7 +29,7 @@ NYU_CHUNK = 100  # NYU-v2 images per unit (654 test images -> 7 units)
 
 def _files(folder: pathlib.Path, suffix: str, what: str) -> list[pathlib.Path]:
     if not folder.is_dir():
-        raise DatasetLayoutError(f"{folder} is missing: expected a folder of {what}")
+        raise DatasetLayoutError(f"{folder} is missing: expected a folder of {what} (layout: docs/BENCHMARKS.md)")
     files = sorted(p for p in folder.iterdir() if p.name.endswith(suffix))
     if not files:
         raise DatasetLayoutError(f"{folder} holds no {what} (*{suffix})")
@@ -66,7 +66,8 @@ class DepthDataset(abc.ABC):
         missing = [n for n in names if not (root / where.format(seq=n)).is_dir()]
         if missing:
             raise DatasetLayoutError(f"{root / where.format(seq=missing[0])} is missing ({len(missing)} of the "
-                                     f"{len(names)} evaluation sequences are): the protocol scores all of them")
+                                     f"{len(names)} evaluation sequences are): the protocol scores all of them; "
+                                     "docs/BENCHMARKS.md shows the layout --data must have")
         return sorted(names)
 
 

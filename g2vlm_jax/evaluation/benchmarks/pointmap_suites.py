@@ -73,7 +73,7 @@ def _same_size(image: np.ndarray, depth: np.ndarray, image_path: pathlib.Path, d
 def _numbered(folder: pathlib.Path, pattern: str, what: str) -> int:
     """Count of files matching `pattern` (one group: the frame number) in `folder`, checked to be 0..n-1."""
     if not folder.is_dir():
-        raise DatasetLayoutError(f"{folder} is missing: expected a folder of {what}")
+        raise DatasetLayoutError(f"{folder} is missing: expected a folder of {what} (layout: docs/BENCHMARKS.md)")
     numbers = sorted(int(m.group(1)) for m in (re.fullmatch(pattern, p.name) for p in folder.iterdir()) if m)
     if not numbers:
         raise DatasetLayoutError(f"{folder} holds no {what} (file names like {pattern})")
