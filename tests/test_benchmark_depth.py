@@ -150,16 +150,16 @@ def test_known_outliers_give_the_hand_computed_abs_rel(tmp_path):
     assert values["abs_rel"] == pytest.approx(0.125, abs=5e-5) and values["delta_1.25"] == pytest.approx(0.75)
 
 
-def test_video_aligns_one_scale_and_shift_per_sequence(tmp_path):
-    """GT = 2 * pred + 1 over the whole sequence: video depth (scale and shift per sequence) scores 0;
-    monocular depth (scale only) cannot remove the shift."""
-    video, oracle = _run(tmp_path, "bonn-video", write_bonn, lambda gt, i: (gt - 1.0) / 2.0)
-    assert video["table"]["Bonn (video)"]["abs_rel"] < 1e-6 and oracle.views == [FRAMES] * 5
-    mono, _ = _run(tmp_path / "mono", "bonn-mono", write_bonn, lambda gt, i: (gt - 1.0) / 2.0)
-    assert mono["table"]["Bonn (mono)"]["abs_rel"] > 0.01
-    # A different scale per frame is not one sequence scale: video depth sees it, monocular does not.
+def test_video_aligns_one_scale_per_sequence(tmp_path):
+    """One scale for the whole sequence: video depth scores ~0 (the released Adam alignment starts at the
+    median scale and wanders by about its step size, 1e-4); a different scale per frame is no one sequence
+    scale, so video depth sees it while monocular depth (a scale per frame) does not."""
+    video, oracle = _run(tmp_path, "bonn-video", write_bonn, lambda gt, i: gt / 3.0)
+    assert video["table"]["Bonn (video)"]["abs_rel"] < 1e-4 and oracle.views == [FRAMES] * 5
     per_frame, _ = _run(tmp_path / "pf", "bonn-video", write_bonn, lambda gt, i: gt * (1.0 + i))
     assert per_frame["table"]["Bonn (video)"]["abs_rel"] > 0.05
+    mono, _ = _run(tmp_path / "mono", "bonn-mono", write_bonn, lambda gt, i: gt * (1.0 + gt[0, 0]))
+    assert mono["table"]["Bonn (mono)"]["abs_rel"] < 1e-6
 
 
 def test_png_depth_units(tmp_path):
@@ -179,7 +179,7 @@ def test_png_depth_units(tmp_path):
 
 def test_kitti_video_oracle(tmp_path):
     report, oracle = _run(tmp_path, "kitti-video", write_kitti, lambda gt, i: gt * 0.1)
-    assert report["table"]["KITTI (video)"]["abs_rel"] < 1e-6 and oracle.views == [FRAMES, FRAMES]
+    assert report["table"]["KITTI (video)"]["abs_rel"] < 1e-4 and oracle.views == [FRAMES, FRAMES]
 
 
 def test_nyu_units_are_chunks_in_file_order(tmp_path, monkeypatch):

@@ -150,3 +150,21 @@ def test_real_fixture_depths():
     agg = depth.aggregate_depth_metrics(noisy)
     assert 0.021 < agg["abs_rel"] < 0.027  # E|N(0, 0.03)| ≈ 0.0239
     assert agg["delta_1.25"] == 1.0  # a ratio of 1.25 is more than 6 sigma away
+
+
+def test_lad_scale_shift_steps_as_the_released_adam():
+    """Adam's first bias-corrected step moves each parameter by lr against its gradient's sign (0 for a
+    zero gradient). GT = 2p + 1 with p spread evenly: s starts at median(g)/median(p) = 2 + 1/median(p),
+    the residuals p/median(p) - 1 are positive on the upper half, so the scale gradient is positive and
+    the shift gradient (the sign count) is 0."""
+    p = np.linspace(1.0, 2.0, 10)
+    g = 2 * p + 1
+    s0 = np.median(g) / np.median(p)
+    s, b = depth._lad_scale_shift(p, g, max_steps=1)
+    assert s == pytest.approx(s0 - 1e-4, abs=1e-12) and b == 0.0
+    s, b = depth.align_depth(p, g, "lad_scale_shift")  # 1000 steps: each parameter moves <= 1000 * lr
+    assert abs(b) <= 0.1 + 1e-9 and abs(s - s0) <= 0.1 + 1e-9
+    # an exact scale starts at the optimum; Adam's normalised steps react to rounding-level residuals, so it
+    # wanders by about lr around it (the release does the same)
+    m = depth.depth_metrics(g[None] / 3.0, g[None], None, align="lad_scale_shift")
+    assert m["abs_rel"] < 1e-5 and m["delta_1.25"] == 1.0

@@ -9,6 +9,11 @@ Protocol notes (decided here, tested in tests/test_metrics_depth.py):
     'l1_scale'   the L1-optimal scale of the released evaluation: 10 IRLS (Weiszfeld) steps from
                  s0 = mean(gt) / mean(pred), each s = Σ w·p·g / Σ w·p² with w = 1 / (|s·p − g| + 1e-8)
     'scale_shift' least squares for s, b in s·p + b ≈ g
+    'lad_scale_shift' the released video-depth "scale&shift" (`align_with_lad2` of the π³ / CUT3R /
+                 MonST3R evaluation): Adam (lr 1e-4, betas 0.9 / 0.999, eps 1e-8) on Σ|s·p + b − g| from
+                 s = median(g) / median(p), b = 0, at most 1000 steps, stopping once the loss changes by
+                 < 1e-6. Adam moves each parameter by about lr per step, so b stays within ±0.1 and s
+                 near its median start: the published numbers are of this alignment, not of a full fit
     'none'       metric depth, used as is.
   Depth predictions must be positive, so for the scale-only alignments the prediction is first
   clipped to ≥ 1e-6 (a non-positive median would otherwise flip or blow up the scale).
@@ -26,9 +31,11 @@ from collections.abc import Sequence
 import numpy as np
 
 METRIC_KEYS = ("abs_rel", "sq_rel", "rmse", "log_rmse", "delta_1.25", "delta_1.25^2", "delta_1.25^3")
-ALIGNMENTS = ("median", "l1_scale", "scale_shift", "none")
+ALIGNMENTS = ("median", "l1_scale", "scale_shift", "lad_scale_shift", "none")
 MIN_DEPTH = 1e-6  # metres: the floor for predicted depths (see module notes)
 IRLS_STEPS = 10
+LAD_LR, LAD_MAX_STEPS, LAD_TOL = 1e-4, 1000, 1e-6  # the released evaluation's Adam settings
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which the release uses
 
 
 def _check_inputs(pred, gt, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,6 +62,24 @@ def _l1_scale(p: np.ndarray, g: np.ndarray) -> float:
     return float(s)
 
 
+def _lad_scale_shift(p: np.ndarray, g: np.ndarray, max_steps: int = LAD_MAX_STEPS) -> tuple[float, float]:
+    """Adam on the L1 loss Σ|s·p + b − g| as the released evaluation runs it (module notes); p, g: float[N]."""
+    params = np.array([np.median(g) / np.median(p), 0.0])
+    m, v = np.zeros(2), np.zeros(2)
+    (b1, b2), previous = ADAM_BETAS, None
+    for step in range(1, max_steps + 1):
+        residual = params[0] * p + params[1] - g
+        signs = np.sign(residual)  # d|x|/dx, 0 at 0 as in torch
+        loss, grad = float(signs @ residual), np.array([signs @ p, signs.sum()])  # sign(r)·r = |r|
+        m = b1 * m + (1 - b1) * grad
+        v = b2 * v + (1 - b2) * grad * grad
+        params = params - LAD_LR * (m / (1 - b1 ** step)) / (np.sqrt(v / (1 - b2 ** step)) + ADAM_EPS)
+        if previous is not None and abs(previous - loss) < LAD_TOL:  # checked after the step, as released
+            break
+        previous = loss
+    return float(params[0]), float(params[1])
+
+
 def align_depth(pred: np.ndarray, gt: np.ndarray, align: str) -> tuple[float, float]:
     """Scale and shift (s, b) with s·pred + b ≈ gt; pred, gt: float[N] of valid pixels."""
     if align == "none":
@@ -63,6 +88,8 @@ def align_depth(pred: np.ndarray, gt: np.ndarray, align: str) -> tuple[float, fl
         design = np.stack([pred, np.ones_like(pred)], axis=1)
         (s, b), *_ = np.linalg.lstsq(design, gt, rcond=None)
         return float(s), float(b)
+    if align == "lad_scale_shift":
+        return _lad_scale_shift(pred, gt)
     pred = np.maximum(pred, MIN_DEPTH)
     if align == "median":
         return float(np.median(gt) / np.median(pred)), 0.0

@@ -5,7 +5,8 @@ MonST3R protocol). docs/BENCHMARKS.md lists every choice and its source.
 Monocular (`*-mono`): every frame alone through the model; its depth (local z) is resized bicubically to
 the GT size and aligned to the GT by one scale per frame (the L1-optimal scale by 10 IRLS steps of
 `metrics.depth`, the reference's `align_with_scale`). Video (`*-video`): each sequence in one forward
-pass and one scale and shift for the whole sequence. The table is AbsRel and δ<1.25 averaged over frames
+pass and one scale and shift for the whole sequence, fitted as the reference's "scale&shift" does
+(`lad_scale_shift`: 1000 Adam steps on the L1 loss from the median scale). The table is AbsRel and δ<1.25 averaged over frames
 (mono) or sequences (video) weighted by valid GT pixels (`aggregate_depth_metrics`), as the reference.
 One unit = one sequence (NYU-v2, a set of single images: a chunk of `NYU_CHUNK` images).
 """
@@ -160,7 +161,7 @@ class DepthSuite(Suite):
             raise ValueError(f"DepthSuite mode must be 'mono' or 'video', got {mode!r}")
         self.dataset, self.mode, self.source = dataset, mode, source
         self.name = f"{dataset.label.lower()}-{mode}"
-        self.align = "l1_scale" if mode == "mono" else "scale_shift"
+        self.align = "l1_scale" if mode == "mono" else "lad_scale_shift"
 
     def protocol(self) -> dict:
         return {"mode": self.mode, "align": self.align, "max_depth_m": self.dataset.max_depth,
