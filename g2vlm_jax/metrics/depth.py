@@ -64,7 +64,8 @@ def _l1_scale(p: np.ndarray, g: np.ndarray) -> float:
 
 def _lad_scale_shift(p: np.ndarray, g: np.ndarray, max_steps: int = LAD_MAX_STEPS) -> tuple[float, float]:
     """Adam on the L1 loss Σ|s·p + b − g| as the released evaluation runs it (module notes); p, g: float[N]."""
-    params = np.array([np.median(g) / np.median(p), 0.0])
+    # a non-positive median prediction (a collapsed model) starts from the floor, not an infinite scale
+    params = np.array([np.median(g) / max(float(np.median(p)), MIN_DEPTH), 0.0])
     m, v = np.zeros(2), np.zeros(2)
     (b1, b2), previous = ADAM_BETAS, None
     for step in range(1, max_steps + 1):
