@@ -289,3 +289,26 @@ def test_tum_malformed_groundtruth_names_file(tmp_path):
         f.write("11.5 1 2 3 0 0 0\n")
     with pytest.raises(DatasetLayoutError, match=r"groundtruth\.txt:\d+: expected 8 fields"):
         ps.TUMDynamicsPose().evaluate(OraclePredictor({}), tmp_path, seq.name)
+
+
+# --------------------------------------------------------------------------------------------------
+# ScanNet (prepared color_90 / pose_90.txt)
+# --------------------------------------------------------------------------------------------------
+def test_scannet_prepared_layout_oracle_and_bad_pose(tmp_path):
+    scene = tmp_path / "scene0707_00"
+    c2w = _random_c2w(np.random.default_rng(8), 6)
+    rows = []
+    for k, pose in enumerate(c2w):
+        _write_frame(scene / "color_90" / f"{k:03d}.jpg", k)
+        rows.append(" ".join(f"{v:.17g}" for v in (pose.ravel() if k % 2 else pose[:3].ravel())))  # 16 or 12
+    (scene / "pose_90.txt").write_text("\n".join(rows) + "\n")
+    suite = ps.ScanNetPose()
+    assert suite.units(tmp_path) == ["scene0707_00"]
+    truth = _truth_of([(scene / "color_90" / f"{k:03d}.jpg", c2w[k]) for k in range(6)])
+    _, table = _run(suite, OraclePredictor(truth, first_view_error_deg=10.5), tmp_path)
+    # 5 of the 15 pairs carry the 10.5° rotation error (view 0 is always i): RRA@5 = 10 / 15
+    assert table["scannet_pose"]["pairs"] == 15
+    assert table["scannet_pose"]["AUC@5"] == pytest.approx(100 * 10 / 15)
+    (scene / "pose_90.txt").write_text("\n".join(rows[:5] + ["-inf " * 16]) + "\n")
+    with pytest.raises(DatasetLayoutError, match=r"pose_90\.txt:6: expected 12 or 16 finite values.*inf"):
+        suite.evaluate(OraclePredictor(truth), tmp_path, "scene0707_00")

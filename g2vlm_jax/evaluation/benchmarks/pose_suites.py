@@ -421,4 +421,50 @@ class TUMDynamicsPose(PoseSuite):
         return paths, c2w, {}
 
 
-SUITES: tuple[Suite, ...] = (Co3DPose(), RealEstate10KPose(), TUMDynamicsPose())
+# --------------------------------------------------------------------------------------------------
+# ScanNet (MonST3R / π³ prepared test scenes)
+# --------------------------------------------------------------------------------------------------
+def read_pose_rows(path: pathlib.Path) -> np.ndarray:
+    """A 'replica'-format trajectory (π³ relpose/evo_utils.py load_replica_traj): one camera-to-world
+    pose per line, 12 or 16 values row-major -> float64[V, 4, 4]; non-finite poses are refused."""
+    if not path.is_file():
+        raise DatasetLayoutError(f"{path}: pose file not found")
+    poses = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            values = np.array([float(v) for v in line.split()])
+        except ValueError as e:
+            raise DatasetLayoutError(f"{path}:{n}: non-numeric pose value ({e})") from e
+        if values.size not in (12, 16) or not np.isfinite(values).all():
+            raise DatasetLayoutError(f"{path}:{n}: expected 12 or 16 finite values (c2w row-major), got "
+                                     f"{values.size} values{'' if np.isfinite(values).all() else ' with inf/nan'}")
+        c2w = np.eye(4)
+        c2w[:3] = values[:12].reshape(3, 4)
+        poses.append(c2w)
+    return np.stack(poses) if poses else np.zeros((0, 4, 4))
+
+
+class ScanNetPose(PoseSuite):
+    name = "scannet_pose"
+    source = ("π³ evaluation branch configs/data/relpose-distance.yaml (scannetv2: color_90/*.jpg + pose_90.txt "
+              "from MonST3R's ScanNet preparation)")
+
+    def units(self, data_dir):
+        data_dir = pathlib.Path(data_dir)
+        scenes = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and (p / "pose_90.txt").is_file())
+        if not scenes:
+            raise DatasetLayoutError(f"{data_dir}: no prepared ScanNet scene (<scene>/color_90/ + pose_90.txt)")
+        return scenes
+
+    def _frames(self, data_dir, unit):
+        poses = read_pose_rows(data_dir / unit / "pose_90.txt")
+        frames = sorted((data_dir / unit / "color_90").glob("*.jpg"))
+        if len(frames) != len(poses) or len(frames) < 2:
+            raise DatasetLayoutError(f"{data_dir / unit}: color_90/ holds {len(frames)} jpg frames but pose_90.txt "
+                                     f"{len(poses)} poses; they must match one to one (at least 2)")
+        return frames, poses, {}
+
+
+SUITES: tuple[Suite, ...] = (Co3DPose(), RealEstate10KPose(), TUMDynamicsPose(), ScanNetPose())

@@ -68,7 +68,7 @@ VSI_NUMERIC_TYPES = ("object_abs_distance", "object_counting", "object_size_esti
 VSI_COLUMNS = ("object_counting", "object_abs_distance", "object_size_estimation", "room_size_estimation",
                "object_rel_distance", "object_rel_direction", "route_planning", "obj_appearance_order")
 VSI_PRE_PROMPT = "These are frames of a video."
-VSI_NUM_FRAMES = 16
+VSI_NUM_FRAMES = 32  # thinking-in-space evaluate_all_in_one.sh num_frames for open-source models
 
 
 def vsibench_prompt(question: str, question_type: str, options) -> str:
@@ -238,7 +238,8 @@ def mindcube_setting(qid: str) -> str:
 class MindCube(QASuite):
     name = "mindcube"
     columns = ("Overall", "rotation", "around", "among")
-    source = "mll-lab-nu/MindCube (data/raw/MindCube_tinybench.jsonl; src/evaluation); HF MLL-Lab/MindCube"
+    source = ("mll-lab-nu/MindCube (data/raw/MindCube_tinybench.jsonl, src/evaluation/core/extractors.py); "
+              "HF dataset Inevitablevalor/MindCube")
 
     def read_questions(self, data_dir):
         found = [data_dir / f for f in MINDCUBE_FILES if (data_dir / f).is_file()]
