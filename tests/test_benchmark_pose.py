@@ -309,6 +309,10 @@ def test_scannet_prepared_layout_oracle_and_bad_pose(tmp_path):
     # 5 of the 15 pairs carry the 10.5° rotation error (view 0 is always i): RRA@5 = 10 / 15
     assert table["scannet_pose"]["pairs"] == 15
     assert table["scannet_pose"]["AUC@5"] == pytest.approx(100 * 10 / 15)
+    nan_predictor = OraclePredictor(truth)
+    nan_predictor.reconstruct = lambda images: {"c2w": np.full((len(images), 4, 4), np.nan)}
+    with pytest.raises(ValueError, match="scene0707_00: predictor returned non-finite camera poses"):
+        suite.evaluate(nan_predictor, tmp_path, "scene0707_00")
     (scene / "pose_90.txt").write_text("\n".join(rows[:5] + ["-inf " * 16]) + "\n")
     with pytest.raises(DatasetLayoutError, match=r"pose_90\.txt:6: expected 12 or 16 finite values.*inf"):
         suite.evaluate(OraclePredictor(truth), tmp_path, "scene0707_00")

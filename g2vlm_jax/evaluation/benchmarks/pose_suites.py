@@ -143,6 +143,9 @@ class PoseSuite(Suite):
         pred_c2w = np.asarray(predictor.reconstruct(images)["c2w"], dtype=np.float64)
         if pred_c2w.shape != gt_c2w.shape:
             raise ValueError(f"{self.name} {unit}: predictor returned c2w {pred_c2w.shape} for {len(paths)} frames")
+        if not np.isfinite(pred_c2w).all():
+            raise ValueError(f"{self.name} {unit}: predictor returned non-finite camera poses (NaN/inf); "
+                             "the model diverged on these frames")
         pred_c2w = pred_c2w.copy()
         # the model's rotations are orthonormal only to float32 precision; the metric wants rotations
         pred_c2w[:, :3, :3] = geometry.nearest_rotation(pred_c2w[:, :3, :3])
