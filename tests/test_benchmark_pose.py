@@ -268,6 +268,8 @@ def test_tum_quaternion_convention_and_association():
     np.testing.assert_allclose(c2w[:3, 3], [1, 2, 3])
     gt = [(0.00, "p0"), (0.01, "p1"), (0.10, "p2")]
     assert ps.associate_tum([(0.004, "a"), (0.006, "b"), (0.05, "c")], gt) == [("a", "p0"), ("b", "p1")]
+    # one-to-one, smallest |Δt| first (MonST3R prepare_tum.py): y's only candidate q0 is taken by x
+    assert ps.associate_tum([(0.002, "y"), (0.001, "x")], [(0.0, "q0"), (0.05, "q1")]) == [("x", "q0")]
 
 
 def test_tum_oracle_on_raw_layout(tmp_path):
@@ -280,6 +282,8 @@ def test_tum_oracle_on_raw_layout(tmp_path):
     # 14 rgb frames, frame 5 unmatched -> 13 associated, every 3rd -> frames 0, 3, 7, 10, 13
     assert rows[0]["frames"] == [p.name for p, _ in truth][::3]
     assert predictor.calls == [5] and table["tum_dynamics_pose"]["RRA@30"] == pytest.approx(100.0)
+    assert table["tum_dynamics_pose"]["ATE"] == pytest.approx(0, abs=1e-9)
+    assert list(table["tum_dynamics_pose"]) == list(suite.columns)
 
 
 def test_tum_malformed_groundtruth_names_file(tmp_path):

@@ -35,6 +35,7 @@ SAMPLING_SEED = 42          # π³ configs/evaluation/relpose-angular.yaml
 FRAMES_PER_SEQUENCE = 10    # VGGT test_co3d.py --num_frames / π³ relpose-angular.yaml num_frames
 THRESHOLDS = (5, 15, 30)    # degrees; π³ metric_thresholds, VGGT reports AUC@30 (and @5/@15)
 POSE_COLUMNS = ("RRA@30", "RTA@30", "AUC@30", "AUC@15", "AUC@5", "pairs", "sequences")
+TRAJECTORY_COLUMNS = ("ATE", "RPE-trans", "RPE-rot") + POSE_COLUMNS  # π³ / MonST3R video-pose tables first
 
 # The 41 "seen" Co3Dv2 categories of RelPose++ / PoseDiffusion / VGGT / π³ (π³ datasets/co3d_v2.py
 # TRAINING_CATEGORIES, in that order: the order decides which random draws each sequence gets).
@@ -50,8 +51,8 @@ CO3D_MIN_QUALITY = 0.5       # sequence viewpoint_quality_score must exceed it (
 CO3D_MIN_FRAMES = 50         # shorter test sequences are left out (VGGT / π³ min_num_images)
 CO3D_MAX_TRANSLATION_SUM = 1e5  # a sequence with T[0]+T[1]+T[2] above it is broken (VGGT / π³)
 
-TUM_MAX_TIME_DIFFERENCE = 0.02  # seconds; TUM associate.py default for rgb <-> groundtruth
-TUM_STRIDE = 3                  # MonST3R / π³ "rgb_90": every 3rd associated frame ...
+TUM_MAX_TIME_DIFFERENCE = 0.02  # seconds; MonST3R prepare_tum.py (TUM associate.py default)
+TUM_STRIDE = 3                  # MonST3R prepare_tum.py "rgb_90": every 3rd associated frame ...
 TUM_FRAMES = 90                 # ... the first 90 of them
 
 
@@ -132,6 +133,7 @@ class PoseSuite(Suite):
 
     kind = "pose"
     columns = POSE_COLUMNS
+    trajectory = False  # also ATE / RPE of the whole trajectory (video-pose suites)
 
     @abc.abstractmethod
     def _frames(self, data_dir: pathlib.Path, unit: str) -> tuple[list[pathlib.Path], np.ndarray, dict]:
@@ -150,10 +152,17 @@ class PoseSuite(Suite):
         # the model's rotations are orthonormal only to float32 precision; the metric wants rotations
         pred_c2w[:, :3, :3] = geometry.nearest_rotation(pred_c2w[:, :3, :3])
         metrics = pose_metrics.relative_pose_metrics(pred_c2w, gt_c2w, THRESHOLDS)
+        if self.trajectory:
+            metrics.update(pose_metrics.trajectory_metrics(pred_c2w, gt_c2w))
         return [{"unit": unit, "frames": [p.name for p in paths], **extra, **metrics}]
 
     def summarize(self, rows: list[dict]) -> dict[str, dict[str, float]]:
-        return {self.name: _pooled(rows)}
+        table = _pooled(rows)
+        if self.trajectory:  # π³ eval_dist.py calculate_averages: plain mean over sequences
+            table = {"ATE": float(np.mean([r["ate"] for r in rows])),
+                     "RPE-trans": float(np.mean([r["rpe_trans"] for r in rows])),
+                     "RPE-rot": float(np.mean([r["rpe_rot"] for r in rows])), **table}
+        return {self.name: table}
 
 
 def _pooled(rows: list[dict]) -> dict[str, float]:
@@ -370,16 +379,22 @@ def _tum_floats(path: pathlib.Path, row: list[str]) -> list[float]:
 
 def associate_tum(rgb: list[tuple[float, str]], gt: list[tuple[float, np.ndarray]],
                   max_difference: float = TUM_MAX_TIME_DIFFERENCE) -> list[tuple[str, np.ndarray]]:
-    """Each rgb frame with the groundtruth pose nearest in time (|Δt| <= max_difference), rgb order;
-    frames without one are dropped (TUM associate.py matches greedily by smallest |Δt|; with 100 Hz
-    groundtruth and 30 Hz images the nearest match is the same)."""
-    times = np.array([t for t, _ in gt])
-    out = []
-    for t, name in rgb:
-        k = int(np.argmin(np.abs(times - t)))
-        if abs(times[k] - t) <= max_difference:
-            out.append((name, gt[k][1]))
-    return out
+    """rgb frames paired one-to-one with groundtruth poses as TUM's associate.py (and MonST3R's
+    prepare_tum.py) pair them: all candidates with |Δt| < max_difference, taken greedily from the
+    smallest |Δt|, each rgb frame and each pose used once; result in rgb time order."""
+    order = np.argsort([t for t, _ in gt], kind="stable")
+    gt_times = np.array([gt[k][0] for k in order])
+    candidates = []
+    for i, (t, _) in enumerate(rgb):
+        lo, hi = np.searchsorted(gt_times, [t - max_difference, t + max_difference])
+        candidates += [(abs(gt_times[k] - t), t, i, k) for k in range(lo, hi) if abs(gt_times[k] - t) < max_difference]
+    used_rgb, used_gt, matches = set(), set(), []
+    for _, t, i, k in sorted(candidates):
+        if i not in used_rgb and k not in used_gt:
+            used_rgb.add(i)
+            used_gt.add(k)
+            matches.append((t, i, k))
+    return [(rgb[i][1], gt[order[k]][1]) for _, i, k in sorted(matches)]
 
 
 def _tum_sequence(seq_dir: pathlib.Path) -> tuple[list[pathlib.Path], np.ndarray]:
@@ -407,6 +422,8 @@ def _tum_sequence(seq_dir: pathlib.Path) -> tuple[list[pathlib.Path], np.ndarray
 
 class TUMDynamicsPose(PoseSuite):
     name = "tum_dynamics_pose"
+    columns = TRAJECTORY_COLUMNS
+    trajectory = True
     source = ("π³ evaluation branch configs/data/relpose-distance.yaml (MonST3R's rgb_90 / groundtruth_90 "
               "TUM-dynamics preparation); TUM RGB-D file formats (cvg.cit.tum.de/data/datasets/rgbd-dataset/file_formats)")
 
@@ -451,6 +468,8 @@ def read_pose_rows(path: pathlib.Path) -> np.ndarray:
 
 class ScanNetPose(PoseSuite):
     name = "scannet_pose"
+    columns = TRAJECTORY_COLUMNS
+    trajectory = True
     source = ("π³ evaluation branch configs/data/relpose-distance.yaml (scannetv2: color_90/*.jpg + pose_90.txt "
               "from MonST3R's ScanNet preparation)")
 
