@@ -139,6 +139,7 @@ def test_co3d_oracle_scores_100_and_known_rotation_error(co3d_root):
     suite = ps.Co3DPose()
     rows, table = _run(suite, OraclePredictor(truth), root)
     assert [r["unit"] for r in rows] == ["apple/110_good", "bench/200_good"]
+    assert json.loads(json.dumps(rows)) == rows  # the runner writes rows as JSON
     for label in table:
         assert all(table[label][c] == pytest.approx(100.0) for c in ("RRA@30", "RTA@30", "AUC@30", "AUC@5"))
         assert table[label]["pairs"] == 90 and table[label]["sequences"] == 2

@@ -95,6 +95,7 @@ def test_vsibench_prompts_frames_scores_and_table(tmp_path, monkeypatch):
     assert suite.units(tmp_path) == ["q00000-00002", "q00003-00005", "q00006-00006"]
     predictor = ScriptedPredictor({q: a for _, q, _, _, a, _, _ in VSI_QUESTIONS})
     rows, table = _run(suite, predictor, tmp_path)
+    assert json.loads(json.dumps(rows)) == rows
     assert [r["score"] for r in rows] == pytest.approx([s for *_, s, _ in VSI_QUESTIONS])
     assert [r["score_official"] for r in rows] == pytest.approx([o for *_, o in VSI_QUESTIONS])
     prompt, frames, max_tokens = predictor.seen[0]
@@ -170,6 +171,7 @@ def test_sparbench_scores_levels_and_prompts(tmp_path):
     _write_sparbench(root, tmp_path)
     predictor = ScriptedPredictor({q: a for _, q, _, a, _ in SPAR_QUESTIONS})
     rows, table = _run(qa_suites.SPARBench(), predictor, root)
+    assert json.loads(json.dumps(rows)) == rows  # the runner writes rows as JSON
     assert [r["score"] for r in rows] == pytest.approx([s for *_, s in SPAR_QUESTIONS])
     assert predictor.seen[0][0] == "\nS1 depth of the lamp?\nPlease answer the question using a single word or phrase."
     assert predictor.seen[3][0].startswith("\nS4 which box? A. [1,2] B. [3,4]\nThe values represent the bounding box")

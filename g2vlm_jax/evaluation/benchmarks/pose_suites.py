@@ -1,12 +1,15 @@
-"""Camera-pose benchmarks: Co3Dv2, RealEstate10K and TUM-dynamics, read in their released layouts
-and scored as VGGT / π³ score them (docs/BENCHMARKS.md, "Camera pose").
+"""Camera-pose benchmarks: Co3Dv2, RealEstate10K, TUM-dynamics and ScanNet, read in their released
+(or, for the video-pose sets, π³'s prepared) layouts and scored as VGGT / π³ score them
+(docs/BENCHMARKS.md, "Camera pose").
 
 Every suite feeds the sampled frames of one sequence to `predictor.reconstruct` in one pass and
 scores the predicted camera-to-world poses against the ground truth with
 `metrics.pose.relative_pose_metrics` over all frame pairs i < j (rotation / translation angle of
 the relative poses; RRA@τ, RTA@τ, AUC@τ for τ in 5, 15, 30 degrees). A unit is one sequence and
 gives one row; the table pools the pairs of all sequences (`aggregate_pose_metrics`), as π³'s
-eval_angle.py concatenates the per-pair errors of all sequences before taking the metrics.
+eval_angle.py concatenates the per-pair errors of all sequences before taking the metrics. The
+video-pose suites (TUM-dynamics, ScanNet) add π³'s trajectory columns ATE / RPE-trans / RPE-rot
+(`metrics.pose.trajectory_metrics`), averaged over sequences as π³'s eval_dist.py does.
 
 Frame sampling follows π³'s relpose/sampling.py: one legacy NumPy RandomState seeded with 42 draws
 `choice(num_frames_of_sequence, 10, replace=False)` for every sequence in the dataset's order,
@@ -126,7 +129,7 @@ def tum_pose_to_c2w(values) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
-# The common part of the three suites
+# The common part of the pose suites
 # --------------------------------------------------------------------------------------------------
 class PoseSuite(Suite):
     """A relative-pose suite: subclasses say how a unit's frames and GT poses are read."""
