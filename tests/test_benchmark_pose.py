@@ -140,9 +140,10 @@ def test_co3d_oracle_scores_100_and_known_rotation_error(co3d_root):
     rows, table = _run(suite, OraclePredictor(truth), root)
     assert [r["unit"] for r in rows] == ["apple/110_good", "bench/200_good"]
     assert json.loads(json.dumps(rows)) == rows  # the runner writes rows as JSON
-    for label in table:
-        assert all(table[label][c] == pytest.approx(100.0) for c in ("RRA@30", "RTA@30", "AUC@30", "AUC@5"))
-        assert table[label]["pairs"] == 90 and table[label]["sequences"] == 2
+    assert list(table) == ["Co3Dv2"] and set(table["Co3Dv2"]) == set(suite.columns)
+    assert all(table["Co3Dv2"][c] == pytest.approx(100.0) for c in ("RRA@30", "RTA@30", "AUC@30", "AUC@5"))
+    assert table["Co3Dv2"]["pairs"] == 90 and table["Co3Dv2"]["sequences"] == 2
+    assert json.loads(json.dumps(suite.protocol()))["frames"].startswith("10 random")
     # 10.5° about the first view's own centre: the 9 pairs (0, j) have rotation error 10.5° and no
     # translation error (pair i<j maps camera i into j; view 0 is always i); the other 36 pairs are exact.
     rows, table = _run(suite, OraclePredictor(truth, first_view_error_deg=10.5), root)
@@ -151,10 +152,10 @@ def test_co3d_oracle_scores_100_and_known_rotation_error(co3d_root):
     assert apple["rta@5"] == pytest.approx(100.0)
     assert apple["auc@30"] == pytest.approx(100 * (10 * 0.8 + 20 * 1.0) / 30)   # bins 0..9: 0.8, 10..29: 1
     assert apple["auc@15"] == pytest.approx(100 * (10 * 0.8 + 5 * 1.0) / 15)
-    pooled = table["Co3Dv2 (all pairs, π³)"]
+    pooled = table["Co3Dv2"]
     assert pooled["AUC@5"] == pytest.approx(100 * (36 + 36) / 90)  # both sequences carry the error
     assert pooled["AUC@30"] == pytest.approx(100 * 28 / 30)
-    assert table["Co3Dv2 (mean of categories, VGGT)"]["AUC@30"] == pytest.approx(100 * 28 / 30)
+    assert pooled[ps.CO3D_CATEGORY_MEAN] == pytest.approx(100 * 28 / 30)
 
 
 def test_co3d_conversion_agrees_with_pytorch3d_definition():

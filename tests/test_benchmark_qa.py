@@ -109,14 +109,15 @@ def test_vsibench_prompts_frames_scores_and_table(tmp_path, monkeypatch):
     levels = [float(np.mean(f)) / 10 for f in frames]
     assert np.round(levels).tolist() == [0, 6, 12, 19]
     assert len(predictor.seen[1][1]) == 3
-    # robust: rel_direction = mean(1, 1, 1); overall = mean(count 100, dist 60, room 100, dir 100, route 0)
-    assert table["VSI-Bench"] == pytest.approx({
+    # robust: rel_direction = mean(1, 1, 1); overall = mean(count 100, dist 60, room 100, dir 100, route 0);
+    # official first word: dir = mean(0, 0, 1) = 33.3, dist 0 -> overall = mean(100, 0, 100, 33.3, 0)
+    assert table == {"VSI-Bench": pytest.approx({
         "Overall": 72.0, "object_counting": 100.0, "object_abs_distance": 60.0, "room_size_estimation": 100.0,
-        "object_rel_direction": 100.0, "route_planning": 0.0})
-    # official first word: dir = mean(0, 0, 1) -> 33.3; overall = mean(100, 0, 100, 33.3, 0)
-    official = table["VSI-Bench (official first-word parsing)"]
-    assert official["object_rel_direction"] == pytest.approx(100 / 3)
-    assert official["Overall"] == pytest.approx((100 + 0 + 100 + 100 / 3 + 0) / 5)
+        "object_rel_direction": 100.0, "route_planning": 0.0,
+        qa_suites.VSI_OFFICIAL_OVERALL: (100 + 0 + 100 + 100 / 3 + 0) / 5})}
+    assert json.loads(json.dumps(suite.protocol())) == {"questions_per_unit": 3, "max_new_tokens": 16,
+                                                        "num_frames": 4, "frame_sampling": "linspace(0, n-1, N) as int",
+                                                        "parsing": suite.protocol()["parsing"]}
 
 
 def test_vsibench_malformed_files_name_the_file(tmp_path):
@@ -178,7 +179,10 @@ def test_sparbench_scores_levels_and_prompts(tmp_path):
     assert [len(s[1]) for s in predictor.seen] == [1, 2, 1, 2, 1]
     assert predictor.seen[1][1][1].mean() == pytest.approx(41, abs=1)  # second embedded image of row 1
     # per task: 60, 100, 100, 0, 100 -> overall 72; Low = (60 + 100) / 2; Middle = (100 vci + 0) / 2; High 100
-    assert table["SPAR-Bench"] == pytest.approx({"Overall": 72.0, "Low": 80.0, "Middle": 50.0, "High": 100.0})
+    assert table["SPAR-Bench"] == pytest.approx({
+        "Overall": 72.0, "Low": 80.0, "Middle": 50.0, "High": 100.0, "depth_prediction_oc": 60.0,
+        "depth_prediction_oc_mv": 100.0, "obj_spatial_relation_oo": 100.0, "position_matching": 0.0,
+        "view_change_infer": 100.0})
 
 
 def test_view_change_accuracy_by_hand():

@@ -11,11 +11,12 @@ eval_angle.py concatenates the per-pair errors of all sequences before taking th
 video-pose suites (TUM-dynamics, ScanNet) add π³'s trajectory columns ATE / RPE-trans / RPE-rot
 (`metrics.pose.trajectory_metrics`), averaged over sequences as π³'s eval_dist.py does.
 
-Frame sampling follows π³'s relpose/sampling.py: one legacy NumPy RandomState seeded with 42 draws
+Co3Dv2 / RealEstate10K frame sampling follows π³'s relpose/sampling.py: one legacy NumPy RandomState seeded with 42 draws
 `choice(num_frames_of_sequence, 10, replace=False)` for every sequence in the dataset's order,
 skipping sequences shorter than 10 frames. Because the draws are sequential, the plan of the whole
 dataset is computed once per process (cached) and each unit looks its frames up in it; the plan
 depends only on the annotation files, so every process of a multi-process run gets the same plan.
+TUM-dynamics / ScanNet use all 90 frames of MonST3R's preparation in one pass, as π³ does.
 
 Poses are OpenCV camera-to-world float64[4, 4] (x right, y down, z forward) throughout.
 """
@@ -38,6 +39,7 @@ SAMPLING_SEED = 42          # π³ configs/evaluation/relpose-angular.yaml
 FRAMES_PER_SEQUENCE = 10    # VGGT test_co3d.py --num_frames / π³ relpose-angular.yaml num_frames
 THRESHOLDS = (5, 15, 30)    # degrees; π³ metric_thresholds, VGGT reports AUC@30 (and @5/@15)
 POSE_COLUMNS = ("RRA@30", "RTA@30", "AUC@30", "AUC@15", "AUC@5", "pairs", "sequences")
+CO3D_CATEGORY_MEAN = "AUC@30 category mean (VGGT)"
 TRAJECTORY_COLUMNS = ("ATE", "RPE-trans", "RPE-rot") + POSE_COLUMNS  # π³ / MonST3R video-pose tables first
 
 # The 41 "seen" Co3Dv2 categories of RelPose++ / PoseDiffusion / VGGT / π³ (π³ datasets/co3d_v2.py
@@ -159,6 +161,15 @@ class PoseSuite(Suite):
             metrics.update(pose_metrics.trajectory_metrics(pred_c2w, gt_c2w))
         return [{"unit": unit, "frames": [p.name for p in paths], **extra, **metrics}]
 
+    def protocol(self) -> dict:
+        """Settings recorded with every unit result (the runner refuses to mix results of others)."""
+        frames = ("all (MonST3R 90-frame preparation)" if self.trajectory
+                  else f"{FRAMES_PER_SEQUENCE} random, legacy RandomState({SAMPLING_SEED}) stream over sequences")
+        return {"frames": frames, "thresholds_deg": list(THRESHOLDS),
+                "pairs": "all i<j, relative pose w2c_j·c2w_i; pooled over sequences",
+                **({"trajectory": "Sim(3) Umeyama; RPE delta 1 frame; RMSE; mean over sequences"}
+                   if self.trajectory else {})}
+
     def summarize(self, rows: list[dict]) -> dict[str, dict[str, float]]:
         table = _pooled(rows)
         if self.trajectory:  # π³ eval_dist.py calculate_averages: plain mean over sequences
@@ -251,6 +262,7 @@ def _co3d_plan(root: str) -> tuple[dict[str, list[tuple[str, tuple]]], dict[str,
 
 class Co3DPose(PoseSuite):
     name = "co3d_pose"
+    columns = POSE_COLUMNS[:5] + (CO3D_CATEGORY_MEAN,) + POSE_COLUMNS[5:]
     source = ("VGGT evaluation/test_co3d.py + preprocess/preprocess_co3d.py (test split, filters, "
               "PyTorch3D->OpenCV); π³ evaluation branch relpose/ (seed-42 sampling, pooled pairs)")
 
@@ -267,13 +279,17 @@ class Co3DPose(PoseSuite):
         return paths, c2w, {"category": unit.split("/")[0], "frame_ids": plan[unit]}
 
     def summarize(self, rows):
+        """One row: the pooled pairs (π³) and, as an extra column, VGGT's mean of per-category AUC@30."""
         by_category: dict[str, list] = {}
         for r in rows:
             by_category.setdefault(r["category"], []).append(r)
-        per_category = [_pooled(rs) for rs in by_category.values()]
-        category_mean = {c: float(np.mean([m[c] for m in per_category])) for c in POSE_COLUMNS[:5]}
-        category_mean.update(pairs=float(sum(m["pairs"] for m in per_category)), sequences=float(len(rows)))
-        return {"Co3Dv2 (all pairs, π³)": _pooled(rows), "Co3Dv2 (mean of categories, VGGT)": category_mean}
+        table = _pooled(rows)
+        table[CO3D_CATEGORY_MEAN] = float(np.mean([_pooled(rs)["AUC@30"] for rs in by_category.values()]))
+        return {"Co3Dv2": table}
+
+    def protocol(self):
+        return {**super().protocol(), "categories": len(CO3D_CATEGORIES), "set_list": CO3D_SET_LIST,
+                "min_viewpoint_quality": CO3D_MIN_QUALITY, "min_frames": CO3D_MIN_FRAMES}
 
 
 # --------------------------------------------------------------------------------------------------

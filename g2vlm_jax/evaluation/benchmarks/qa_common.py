@@ -61,6 +61,11 @@ class QASuite(Suite):
     def score(self, question: Question, prediction: str) -> dict[str, float]:
         """{'score': value in [0, 1], ...} of one prediction."""
 
+    def protocol(self) -> dict:
+        """Settings recorded with every unit result (the runner refuses to mix results of others)."""
+        return {"questions_per_unit": QUESTIONS_PER_UNIT, "max_new_tokens": self.max_new_tokens,
+                "parsing": "stated option letter / first number (vqa.extract_choice, vqa.extract_numbers)"}
+
     def questions(self, data_dir: pathlib.Path) -> list[Question]:
         key = str(pathlib.Path(data_dir).resolve())
         if key not in self._questions:

@@ -67,6 +67,7 @@ VSI_NUMERIC_TYPES = ("object_abs_distance", "object_counting", "object_size_esti
 # The paper's table order; object_rel_direction is the mean of its easy / medium / hard accuracies.
 VSI_COLUMNS = ("object_counting", "object_abs_distance", "object_size_estimation", "room_size_estimation",
                "object_rel_distance", "object_rel_direction", "route_planning", "obj_appearance_order")
+VSI_OFFICIAL_OVERALL = "Overall (official first-word parser)"
 VSI_PRE_PROMPT = "These are frames of a video."
 VSI_NUM_FRAMES = 32  # thinking-in-space evaluate_all_in_one.sh num_frames for open-source models
 
@@ -92,7 +93,7 @@ def vsibench_official_score(q: Question, prediction: str) -> float:
 
 class VSIBench(QASuite):
     name = "vsibench"
-    columns = ("Overall",) + VSI_COLUMNS
+    columns = ("Overall",) + VSI_COLUMNS + (VSI_OFFICIAL_OVERALL,)
     source = ("vision-x-nyu/thinking-in-space lmms_eval/tasks/vsibench (vsibench.yaml, utils.py); "
               "HF dataset nyu-visionx/VSI-Bench")
     max_new_tokens = 16  # vsibench.yaml generation_kwargs
@@ -128,8 +129,12 @@ class VSIBench(QASuite):
                 "score_official": vsibench_official_score(question, prediction)}
 
     def summarize(self, rows):
-        return {"VSI-Bench": self._row(rows, "score"),
-                "VSI-Bench (official first-word parsing)": self._row(rows, "score_official")}
+        table = self._row(rows, "score")
+        table[VSI_OFFICIAL_OVERALL] = self._row(rows, "score_official")["Overall"]
+        return {"VSI-Bench": table}
+
+    def protocol(self):
+        return {**super().protocol(), "num_frames": self.num_frames, "frame_sampling": "linspace(0, n-1, N) as int"}
 
     @staticmethod
     def _row(rows, key):
@@ -171,7 +176,7 @@ def sparbench_prompt(question: str, task: str) -> str:
 
 class SPARBench(QASuite):
     name = "sparbench"
-    columns = ("Overall", "Low", "Middle", "High")
+    columns = ("Overall", "Low", "Middle", "High") + SPAR_CHOICE_TASKS + SPAR_NUMERIC_TASKS + (SPAR_VIEW_CHANGE,)
     source = "fudan-zvg/spar lmms-eval/lmms_eval/tasks/sparbench (sparbench.yaml, utils.py); HF jasonzhango/SPAR-Bench"
     max_new_tokens = 100  # sparbench.yaml generation_kwargs
 
@@ -219,7 +224,8 @@ class SPARBench(QASuite):
             present = [per_task[t] for t in tasks if t in per_task]
             if present:
                 row[level] = float(np.mean(present))
-        return {"SPAR-Bench": row, "SPAR-Bench tasks": per_task}
+        row.update(per_task)
+        return {"SPAR-Bench": row}
 
 
 # --------------------------------------------------------------------------------------------------
