@@ -90,32 +90,36 @@ def _write_vsibench(root: pathlib.Path, questions=VSI_QUESTIONS) -> None:
 
 def test_vsibench_prompts_frames_scores_and_table(tmp_path, monkeypatch):
     _write_vsibench(tmp_path)
-    monkeypatch.setattr(qa_common, "QUESTIONS_PER_UNIT", 3)
+    decoded = []
+    monkeypatch.setattr(qa_suites, "video_frames", lambda path, n: decoded.append(path.name) or
+                        qa_common.video_frames(path, n))
     suite = qa_suites.VSIBench(num_frames=4)
-    assert suite.units(tmp_path) == ["q00000-00002", "q00003-00005", "q00006-00006"]
+    assert suite.units(tmp_path) == ["arkitscenes/scene0", "scannet/scene1"]  # one unit per video
     predictor = ScriptedPredictor({q: a for _, q, _, _, a, _, _ in VSI_QUESTIONS})
     rows, table = _run(suite, predictor, tmp_path)
+    assert decoded == ["scene0.mp4", "scene1.mp4"]  # each video decoded once for all its questions
     assert json.loads(json.dumps(rows)) == rows
-    assert [r["score"] for r in rows] == pytest.approx([s for *_, s, _ in VSI_QUESTIONS])
-    assert [r["score_official"] for r in rows] == pytest.approx([o for *_, o in VSI_QUESTIONS])
-    prompt, frames, max_tokens = predictor.seen[0]
-    assert prompt == ("These are frames of a video.\nQ1 where is the sofa?\nOptions:\nA. left\nB. right\n"
-                      "Answer with the option's letter from the given choices directly.")
-    assert predictor.seen[1][0] == ("These are frames of a video.\nQ2 where is the bed?\nOptions:\nA. left\n"
-                                    "B. chair\nC. back\nAnswer with the option's letter from the given choices directly.")
-    assert predictor.seen[3][0].endswith("Q4 how far?\nPlease answer the question using a single word or phrase.")
-    assert max_tokens == 16
+    by_id = {r["id"]: r for r in rows}
+    assert [by_id[str(k + 1)]["score"] for k in range(7)] == pytest.approx([s for *_, s, _ in VSI_QUESTIONS])
+    assert [by_id[str(k + 1)]["score_official"] for k in range(7)] == pytest.approx([o for *_, o in VSI_QUESTIONS])
+    seen = {prompt.split("\n")[1][:2]: (prompt, frames, tokens) for prompt, frames, tokens in predictor.seen}
+    assert seen["Q1"][0] == ("These are frames of a video.\nQ1 where is the sofa?\nOptions:\nA. left\nB. right\n"
+                             "Answer with the option's letter from the given choices directly.")
+    assert seen["Q2"][0] == ("These are frames of a video.\nQ2 where is the bed?\nOptions:\nA. left\n"
+                             "B. chair\nC. back\nAnswer with the option's letter from the given choices directly.")
+    assert seen["Q4"][0].endswith("Q4 how far?\nPlease answer the question using a single word or phrase.")
+    assert seen["Q1"][2] == 16
     # 20 frames, 4 wanted: linspace(0, 19, 4) -> 0, 6, 12, 19 (truncated); the 3-frame video gives all 3
-    levels = [float(np.mean(f)) / 10 for f in frames]
+    levels = [float(np.mean(f)) / 10 for f in seen["Q1"][1]]
     assert np.round(levels).tolist() == [0, 6, 12, 19]
-    assert len(predictor.seen[1][1]) == 3
+    assert len(seen["Q2"][1]) == 3
     # robust: rel_direction = mean(1, 1, 1); overall = mean(count 100, dist 60, room 100, dir 100, route 0);
     # official first word: dir = mean(0, 0, 1) = 33.3, dist 0 -> overall = mean(100, 0, 100, 33.3, 0)
     assert table == {"VSI-Bench": pytest.approx({
         "Overall": 72.0, "object_counting": 100.0, "object_abs_distance": 60.0, "room_size_estimation": 100.0,
         "object_rel_direction": 100.0, "route_planning": 0.0,
         qa_suites.VSI_OFFICIAL_OVERALL: (100 + 0 + 100 + 100 / 3 + 0) / 5})}
-    assert json.loads(json.dumps(suite.protocol())) == {"questions_per_unit": 3, "max_new_tokens": 16,
+    assert json.loads(json.dumps(suite.protocol())) == {"questions_per_unit": "one video", "max_new_tokens": 16,
                                                         "num_frames": 4, "frame_sampling": "linspace(0, n-1, N) as int",
                                                         "parsing": suite.protocol()["parsing"]}
 
@@ -225,10 +229,15 @@ def _write_mindcube(root):
     (root / "raw" / "MindCube_tinybench.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def test_mindcube_settings_and_answer_forms(tmp_path):
+def test_mindcube_settings_and_answer_forms(tmp_path, monkeypatch):
     _write_mindcube(tmp_path)
+    monkeypatch.setattr(qa_common, "QUESTIONS_PER_UNIT", 2)
+    suite = qa_suites.MindCube()
+    assert suite.units(tmp_path) == ["q00000-00001", "q00002-00002"]  # fixed chunks in file order
+    with pytest.raises(ValueError, match="unit 'q00002-00003' is not one of units"):
+        suite.evaluate(ScriptedPredictor({}), tmp_path, "q00002-00003")
     predictor = ScriptedPredictor({q[:2]: a for _, q, _, a, _ in MINDCUBE_QUESTIONS})
-    rows, table = _run(qa_suites.MindCube(), predictor, tmp_path)
+    rows, table = _run(suite, predictor, tmp_path)
     assert [r["score"] for r in rows] == [s for *_, s in MINDCUBE_QUESTIONS]
     assert [len(s[1]) for s in predictor.seen] == [2, 3, 4]
     assert predictor.seen[0][0].endswith("A. Above B. Under C. Front\n" + qa_suites.MC_POST_PROMPT)

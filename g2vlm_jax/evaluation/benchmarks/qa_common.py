@@ -2,8 +2,9 @@
 released question files (parquet / JSON lines / JSON) and the uniform video-frame sampler.
 
 A QA suite reads its question file once per process (cached per data folder), splits the
-questions in file order into units of QUESTIONS_PER_UNIT (`q00000-00049`, `q00050-00099`, ...),
-and per question: loads the images / samples the video frames, asks `predictor.answer(prompt,
+questions in file order into units of QUESTIONS_PER_UNIT (`q00000-00049`, `q00050-00099`, ...) or,
+for video benchmarks, into one unit per video (`<dataset>/<scene>`: the video is decoded once for
+all its questions), and per question: loads the images / samples the video frames, asks `predictor.answer(prompt,
 images, max_new_tokens)` with the benchmark's own prompt template, and scores the text with
 metrics/vqa.py. Each row keeps the raw prediction so a report can be re-scored or audited.
 """
@@ -45,6 +46,7 @@ class QASuite(Suite):
 
     kind = "qa"
     max_new_tokens = 32
+    unit_per_video = False  # True: a unit is one video's questions (decoded once), else QUESTIONS_PER_UNIT
 
     def __init__(self):
         self._questions: dict[str, list[Question]] = {}
@@ -63,7 +65,8 @@ class QASuite(Suite):
 
     def protocol(self) -> dict:
         """Settings recorded with every unit result (the runner refuses to mix results of others)."""
-        return {"questions_per_unit": QUESTIONS_PER_UNIT, "max_new_tokens": self.max_new_tokens,
+        unit = "one video" if self.unit_per_video else QUESTIONS_PER_UNIT
+        return {"questions_per_unit": unit, "max_new_tokens": self.max_new_tokens,
                 "parsing": "stated option letter / first number (vqa.extract_choice, vqa.extract_numbers)"}
 
     def questions(self, data_dir: pathlib.Path) -> list[Question]:
@@ -76,22 +79,41 @@ class QASuite(Suite):
         return self._questions[key]
 
     def units(self, data_dir: pathlib.Path) -> list[str]:
-        n = len(self.questions(data_dir))
+        questions = self.questions(data_dir)
+        if self.unit_per_video:
+            return sorted({_video_unit(q) for q in questions})
+        n = len(questions)
         return [f"q{s:05d}-{min(s + QUESTIONS_PER_UNIT, n) - 1:05d}" for s in range(0, n, QUESTIONS_PER_UNIT)]
+
+    def unit_questions(self, data_dir: pathlib.Path, unit: str) -> list[Question]:
+        """The questions of one unit, in file order; ValueError for a name units() does not give."""
+        questions = self.questions(data_dir)
+        if self.unit_per_video:
+            chosen = [q for q in questions if _video_unit(q) == unit]
+        else:
+            m = _UNIT.match(unit)
+            ok = m and int(m.group(1)) <= int(m.group(2)) < len(questions)
+            chosen = questions[int(m.group(1)):int(m.group(2)) + 1] if ok else []
+        if not chosen:
+            raise ValueError(f"{self.name}: unit {unit!r} is not one of units() of {data_dir} "
+                             f"({'<dataset>/<scene>' if self.unit_per_video else 'q00000-00049 style'})")
+        return chosen
 
     def evaluate(self, predictor: Predictor, data_dir: pathlib.Path, unit: str) -> list[dict]:
         data_dir = pathlib.Path(data_dir)
-        questions = self.questions(data_dir)
-        m = _UNIT.match(unit)
-        if not m or int(m.group(2)) >= len(questions) or int(m.group(1)) > int(m.group(2)):
-            raise ValueError(f"{self.name}: unit {unit!r} is not one of units() (q00000-00049 style, "
-                             f"{len(questions)} questions)")
-        rows = []
-        for q in questions[int(m.group(1)):int(m.group(2)) + 1]:
-            prediction = predictor.answer(q.prompt, self.images(data_dir, q), self.max_new_tokens)
+        rows, images = [], {}  # images of the unit by media: a video is decoded once per unit
+        for q in self.unit_questions(data_dir, unit):
+            if q.media not in images:
+                images[q.media] = self.images(data_dir, q)
+            prediction = predictor.answer(q.prompt, images[q.media], self.max_new_tokens)
             rows.append({"id": q.qid, "category": q.category, "answer_type": q.answer_type,
                          "ground_truth": q.ground_truth, "prediction": prediction, **self.score(q, prediction)})
         return rows
+
+
+def _video_unit(q: Question) -> str:
+    """'<dataset>/<scene_name>' of a video question (its media is the one video path)."""
+    return q.media[0].rsplit(".", 1)[0]
 
 
 # --------------------------------------------------------------------------------------------------

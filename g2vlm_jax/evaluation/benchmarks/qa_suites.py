@@ -97,6 +97,7 @@ class VSIBench(QASuite):
     source = ("vision-x-nyu/thinking-in-space lmms_eval/tasks/vsibench (vsibench.yaml, utils.py); "
               "HF dataset nyu-visionx/VSI-Bench")
     max_new_tokens = 16  # vsibench.yaml generation_kwargs
+    unit_per_video = True  # ~17 questions per video: decoding once per question would dominate the run
 
     def __init__(self, num_frames: int = VSI_NUM_FRAMES):
         super().__init__()
