@@ -146,6 +146,9 @@ def test_vsibench_unknown_type_and_bad_numeric_truth(tmp_path):
     _write_vsibench(tmp_path / "b", [("object_counting", "Q?", None, "many", "", 0, 0)])
     with pytest.raises(DatasetLayoutError, match="answer 'many' is not a number > 0"):
         qa_suites.VSIBench().units(tmp_path / "b")
+    _write_vsibench(tmp_path / "c", [("route_planning", "Q?", ["A. x", "B. y"], "C", "", 0, 0)])
+    with pytest.raises(DatasetLayoutError, match="question 1 has answer 'C', not an option letter A-B"):
+        qa_suites.VSIBench().units(tmp_path / "c")
 
 
 # --------------------------------------------------------------------------------------------------

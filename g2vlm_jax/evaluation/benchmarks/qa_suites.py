@@ -38,6 +38,14 @@ def _letter_or_number_score(q: Question, prediction: str) -> float:
     return vqa.mean_relative_accuracy(pick, float(q.ground_truth))
 
 
+def _check_letter(path, qid, value, num_choices: int) -> str:
+    letter = str(value).strip().upper()
+    if len(letter) != 1 or not "A" <= letter <= chr(64 + num_choices):
+        raise DatasetLayoutError(f"{path}: multiple-choice question {qid} has answer {value!r}, not an option letter "
+                                 f"A-{chr(64 + num_choices)}")
+    return letter
+
+
 def _check_positive_number(path, qid, value) -> str:
     try:
         number = float(value)
@@ -116,7 +124,8 @@ class VSIBench(QASuite):
             choice = qtype in VSI_CHOICE_TYPES
             if choice and not r["options"]:
                 raise DatasetLayoutError(f"{path}: multiple-choice question {r['id']} has no options")
-            gt = str(r["ground_truth"]) if choice else _check_positive_number(path, r["id"], r["ground_truth"])
+            gt = (_check_letter(path, r["id"], r["ground_truth"], len(r["options"])) if choice
+                  else _check_positive_number(path, r["id"], r["ground_truth"]))
             out.append(Question(str(r["id"]), qtype, vsibench_prompt(r["question"], qtype, r["options"]),
                                 "choice" if choice else "numeric", gt, len(r["options"]) if choice else 0,
                                 (f"{r['dataset']}/{r['scene_name']}.mp4",)))
@@ -191,7 +200,7 @@ class SPARBench(QASuite):
             require_fields(path, r, ("question", "answer", "task", "image"), f"row {qid}")
             task = r["task"]
             if task in SPAR_CHOICE_TASKS:
-                kind, gt = "choice", str(r["answer"]).strip()
+                kind, gt = "choice", _check_letter(path, qid, r["answer"], inline_option_count(r["question"]))
             elif task in SPAR_NUMERIC_TASKS:
                 kind, gt = "numeric", _check_positive_number(path, qid, r["answer"])
             elif task == SPAR_VIEW_CHANGE:
@@ -260,8 +269,9 @@ class MindCube(QASuite):
             if not isinstance(r["images"], list) or not r["images"]:
                 raise DatasetLayoutError(f"{path}: question {r['id']} images must be a non-empty list of paths")
             prompt = f"{r['question']}\n{MC_POST_PROMPT}"
+            num_choices = inline_option_count(r["question"])
             out.append(Question(str(r["id"]), mindcube_setting(str(r["id"])), prompt, "choice",
-                                str(r["gt_answer"]).strip(), inline_option_count(r["question"]),
+                                _check_letter(path, r["id"], r["gt_answer"], num_choices), num_choices,
                                 tuple(str(image_root / p) for p in r["images"])))
         return out
 
