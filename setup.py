@@ -28,6 +28,8 @@ REQUIRED = JAX_FAMILY + [
     "tqdm>=4.66",              # progress bars for converters and tools
     "trimesh>=4.0",            # .ply and .glb export of point clouds (with camera frusta)
     "matplotlib>=3.8",         # evaluation pictures (depth maps, trajectories, tables)
+    "av>=14.0",                # PyAV: decodes VSI-Bench's mp4 videos for `g2vlm benchmark` (no other decoder here)
+    "pyarrow>=15.0",           # reads the parquet question files of VSI-Bench / SPAR-Bench (also a tfds dependency)
 ]
 
 setup(

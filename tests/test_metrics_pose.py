@@ -155,3 +155,35 @@ def test_bad_input():
         pose.relative_pose_metrics(gt, gt, thresholds=(2.5,))
     with pytest.raises(ValueError, match="empty"):
         pose.aggregate_pose_metrics([])
+
+
+def test_trajectory_metrics_zero_under_similarity_and_one_rotated_view():
+    rng = np.random.default_rng(11)
+    gt = _random_cameras(rng, 7)
+    pred = _apply_to_cameras(*_similarity(rng), gt)
+    assert pose.trajectory_metrics(pred, gt) == pytest.approx({"ate": 0, "rpe_trans": 0, "rpe_rot": 0}, abs=1e-9)
+    # view 0 turned by θ about axis n of its own frame: the centres (so the Sim(3) fit and ATE) are unchanged;
+    # only the step 0 -> 1 = [A, a] is wrong: E = [A^T R^T A, A^T (R^T a − a)], so the rotation error is θ and
+    # the translation error |R^T a − a| = 2 |a − (a·n) n| sin(θ/2), with a = R_0^T (t_1 − t_0)
+    theta, n = 12.0, np.array([0, 0.6, 0.8])
+    pred[0, :3, :3] = pred[0, :3, :3] @ Rotation.from_rotvec(np.radians(theta) * n).as_matrix()
+    got = pose.trajectory_metrics(pred, gt)
+    a = gt[0, :3, :3].T @ (gt[1, :3, 3] - gt[0, :3, 3])
+    chord = 2 * np.linalg.norm(a - (a @ n) * n) * np.sin(np.radians(theta) / 2)
+    assert got["ate"] == pytest.approx(0, abs=1e-9)
+    assert got["rpe_rot"] == pytest.approx(np.sqrt(theta ** 2 / 6))
+    assert got["rpe_trans"] == pytest.approx(np.sqrt(chord ** 2 / 6))
+
+
+def test_trajectory_ate_is_the_best_similarity_fit():
+    rng = np.random.default_rng(12)
+    gt = _random_cameras(rng, 9)
+    pred = gt.copy()
+    pred[:, :3, 3] += rng.normal(0, 0.3, (9, 3))
+    ate = pose.trajectory_metrics(pred, gt)["ate"]
+    assert 0 < ate < np.sqrt(np.mean(np.sum((pred[:, :3, 3] - gt[:, :3, 3]) ** 2, -1)))  # beats no alignment
+    s, r, t = geometry.umeyama(pred[:, :3, 3], gt[:, :3, 3])
+    for _ in range(5):  # and every nearby similarity
+        dr = Rotation.from_rotvec(rng.normal(0, 0.02, 3)).as_matrix()
+        moved = geometry.apply_sim3(s * 1.01, dr @ r, t + rng.normal(0, 0.02, 3), pred[:, :3, 3])
+        assert ate < np.sqrt(np.mean(np.sum((moved - gt[:, :3, 3]) ** 2, -1)))

@@ -19,6 +19,10 @@ Conventions (decided here, tested in tests/test_metrics_vqa.py):
   Lowercase letters count only where they cannot be words: alone ("b", "(b)", "b."), or right after
   an explicit marker when followed by punctuation or the end ("answer: b").
   Letters outside the first `num_choices` options are ignored. No letter found -> None (scores 0).
+- Benchmark-specific parsers (used by evaluation/benchmarks/qa_suites.py): `first_word` is the
+  lmms-eval VSI-Bench / SPAR-Bench "fuzzy_matching" (first space-separated word, trailing dots
+  dropped); `extract_numbers` lists every number (SPAR-Bench scores the last one of its
+  multi-view tasks); `view_change_accuracy` is SPAR-Bench's view_change_infer score.
 """
 from __future__ import annotations
 
@@ -76,6 +80,52 @@ def extract_number(text: str, to_metres: bool = False) -> float | None:
         if word.lower() in _NUMBER_WORDS:
             return _NUMBER_WORDS[word.lower()]
     return None
+
+
+def extract_numbers(text: str) -> list[float]:
+    """Every number written with digits in `text`, in order (same rules as `extract_number`)."""
+    if not isinstance(text, str):
+        raise ValueError(f"extract_numbers: text must be a str, got {type(text).__name__}")
+    return [float(m.group(0).replace(",", "")) for m in _NUMBER.finditer(text)
+            if any(ch.isdigit() for ch in m.group(0))]
+
+
+def first_word(text: str) -> str:
+    """lmms-eval's VSI-Bench / SPAR-Bench `fuzzy_matching`: the text up to the first space, with
+    trailing dots removed ("B. the chair" -> "B", "The answer is B." -> "The")."""
+    return text.split(" ")[0].rstrip(".").strip()
+
+
+# SPAR-Bench view_change_infer: signed amount along each axis = positive action - negative action.
+_VIEW_CHANGE_AXES = (("move_right", "move_left"), ("move_up", "move_down"), ("move_forward", "move_backward"),
+                     ("rotate_right", "rotate_left"), ("rotate_up", "rotate_down"))
+
+
+def _view_change_amounts(text: str) -> list[float]:
+    """'move_right:0.5,rotate_left:30' -> the five signed axis amounts; ValueError when malformed."""
+    amounts = {}
+    for item in text.split(","):
+        key, value = item.split(":")
+        amounts[key.strip()] = float(value)
+    return [amounts.get(pos, 0.0) - amounts.get(neg, 0.0) for pos, neg in _VIEW_CHANGE_AXES]
+
+
+def view_change_accuracy(pred_text: str, gt_text: str) -> float:
+    """SPAR-Bench's view_change_infer score in [0, 1], as its lmms-eval task computes it: the mean
+    over the five axes of a thresholded relative accuracy (thresholds MRA_THRESHOLDS) where the
+    relative error divides by the *predicted* amount (|gt − pred| / |pred|; |gt − pred| when the
+    prediction is 0), the argument order of the official code. Unparseable prediction -> 0.
+    gt_text: 'action:amount,...' as released; a malformed one raises ValueError."""
+    gt = _view_change_amounts(gt_text)
+    try:
+        pred = _view_change_amounts(pred_text)
+    except ValueError:
+        return 0.0
+    scores = []
+    for g, p in zip(gt, pred):
+        error = abs(g - p) / abs(p) if p != 0 else abs(g - p)
+        scores.append(np.mean(error <= 1.0 - MRA_THRESHOLDS + _MRA_SLACK))
+    return float(np.mean(scores))
 
 
 def mean_relative_accuracy(pred: float | str | None, gt: float) -> float:
