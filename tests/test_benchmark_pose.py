@@ -224,7 +224,7 @@ def test_re10k_reader_convention_and_oracle(tmp_path):
     rows, table = _run(suite, predictor, tmp_path)
     assert rows[0]["frame_ids"] == np.random.RandomState(42).choice(12, 10, replace=False).tolist()
     assert predictor.calls == [10]
-    assert table["re10k_pose"]["AUC@30"] == pytest.approx(100.0) and table["re10k_pose"]["pairs"] == 45
+    assert table["re10k-pose"]["AUC@30"] == pytest.approx(100.0) and table["re10k-pose"]["pairs"] == 45
 
 
 def test_re10k_malformed_camera_line_names_file_and_line(tmp_path):
@@ -283,9 +283,9 @@ def test_tum_oracle_on_raw_layout(tmp_path):
     rows, table = _run(suite, predictor, tmp_path)
     # 14 rgb frames, frame 5 unmatched -> 13 associated, every 3rd -> frames 0, 3, 7, 10, 13
     assert rows[0]["frames"] == [p.name for p, _ in truth][::3]
-    assert predictor.calls == [5] and table["tum_dynamics_pose"]["RRA@30"] == pytest.approx(100.0)
-    assert table["tum_dynamics_pose"]["ATE"] == pytest.approx(0, abs=1e-9)
-    assert list(table["tum_dynamics_pose"]) == list(suite.columns)
+    assert predictor.calls == [5] and table["tum-dynamics-pose"]["RRA@30"] == pytest.approx(100.0)
+    assert table["tum-dynamics-pose"]["ATE"] == pytest.approx(0, abs=1e-9)
+    assert list(table["tum-dynamics-pose"]) == list(suite.columns)
 
 
 def test_tum_malformed_groundtruth_names_file(tmp_path):
@@ -313,8 +313,8 @@ def test_scannet_prepared_layout_oracle_and_bad_pose(tmp_path):
     truth = _truth_of([(scene / "color_90" / f"{k:03d}.jpg", c2w[k]) for k in range(6)])
     _, table = _run(suite, OraclePredictor(truth, first_view_error_deg=10.5), tmp_path)
     # 5 of the 15 pairs carry the 10.5° rotation error (view 0 is always i): RRA@5 = 10 / 15
-    assert table["scannet_pose"]["pairs"] == 15
-    assert table["scannet_pose"]["AUC@5"] == pytest.approx(100 * 10 / 15)
+    assert table["scannet-pose"]["pairs"] == 15
+    assert table["scannet-pose"]["AUC@5"] == pytest.approx(100 * 10 / 15)
     nan_predictor = OraclePredictor(truth)
     nan_predictor.reconstruct = lambda images: {"c2w": np.full((len(images), 4, 4), np.nan)}
     with pytest.raises(ValueError, match="scene0707_00: predictor returned non-finite camera poses"):

@@ -2,10 +2,10 @@
 modules' SUITES tuples; runner.run_benchmark evaluates one, predictor.ModelPredictor is the model."""
 from __future__ import annotations
 
-from g2vlm_jax.evaluation.benchmarks import depth_suites, pointmap_suites
+from g2vlm_jax.evaluation.benchmarks import depth_suites, pointmap_suites, pose_suites, qa_suites
 from g2vlm_jax.evaluation.benchmarks.base import DatasetLayoutError, Predictor, Suite
 
-SUITE_MODULES = (pointmap_suites, depth_suites)
+SUITE_MODULES = (pointmap_suites, depth_suites, pose_suites, qa_suites)
 
 
 def _registry(modules) -> dict[str, Suite]:

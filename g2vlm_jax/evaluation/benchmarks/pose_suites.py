@@ -261,7 +261,7 @@ def _co3d_plan(root: str) -> tuple[dict[str, list[tuple[str, tuple]]], dict[str,
 
 
 class Co3DPose(PoseSuite):
-    name = "co3d_pose"
+    name = "co3d-pose"
     columns = POSE_COLUMNS[:5] + (CO3D_CATEGORY_MEAN,) + POSE_COLUMNS[5:]
     source = ("VGGT evaluation/test_co3d.py + preprocess/preprocess_co3d.py (test split, filters, "
               "PyTorch3D->OpenCV); π³ evaluation branch relpose/ (seed-42 sampling, pooled pairs)")
@@ -354,7 +354,7 @@ def _re10k_plan(root: str) -> dict[str, list[int]]:
 
 
 class RealEstate10KPose(PoseSuite):
-    name = "re10k_pose"
+    name = "re10k-pose"
     source = ("π³ evaluation branch configs/data/relpose-angular.yaml + datasets/preprocess/prepare_re10k.py "
               "(10 frames, seed 42, pooled pairs); RealEstate10K camera-file format (google.github.io/realestate10k)")
 
@@ -440,7 +440,7 @@ def _tum_sequence(seq_dir: pathlib.Path) -> tuple[list[pathlib.Path], np.ndarray
 
 
 class TUMDynamicsPose(PoseSuite):
-    name = "tum_dynamics_pose"
+    name = "tum-dynamics-pose"
     columns = TRAJECTORY_COLUMNS
     trajectory = True
     source = ("π³ evaluation branch configs/data/relpose-distance.yaml (MonST3R's rgb_90 / groundtruth_90 "
@@ -486,7 +486,7 @@ def read_pose_rows(path: pathlib.Path) -> np.ndarray:
 
 
 class ScanNetPose(PoseSuite):
-    name = "scannet_pose"
+    name = "scannet-pose"
     columns = TRAJECTORY_COLUMNS
     trajectory = True
     source = ("π³ evaluation branch configs/data/relpose-distance.yaml (scannetv2: color_90/*.jpg + pose_90.txt "
