@@ -2,7 +2,6 @@
 released formats: .dpt with its TAG header, 16-bit PNGs at 5000 / 256 per metre, .npy metres. Scores are
 checked against hand-computed values and every malformed file is a DatasetLayoutError naming it."""
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -10,85 +9,12 @@ from PIL import Image
 
 from g2vlm_jax.evaluation.benchmarks import SUITES, formats, runner
 from g2vlm_jax.evaluation.benchmarks.base import DatasetLayoutError
-from g2vlm_jax.evaluation.benchmarks.depth_suites import BONN_SEQUENCES, SINTEL_SEQUENCES
+from g2vlm_jax.evaluation.benchmarks.depth_suites import BONN_SEQUENCES
+from tests.benchmark_fixtures import (DEPTH_FRAMES, DEPTH_HW, depth_wall as _gt, write_bonn, write_kitti, write_nyu,
+                                      write_sintel)
 
-H, W = 8, 12
-FRAMES = 2
-
-
-def _gt(k: int) -> np.ndarray:
-    """Metres of a slanted wall, 1.5..2.6 m, different per frame."""
-    u, v = np.arange(W)[None, :], np.arange(H)[:, None]
-    return 1.5 + 0.08 * u + 0.02 * v + 0.05 * k + np.zeros((H, W))
-
-
-def write_dpt(path: pathlib.Path, depth: np.ndarray) -> None:
-    """MPI-Sintel .dpt: float32 tag 202021.25, int32 width, int32 height, float32 depth row by row."""
-    h, w = depth.shape
-    path.write_bytes(np.float32(202021.25).tobytes() + np.int32(w).tobytes() + np.int32(h).tobytes()
-                     + depth.astype("<f4").tobytes())
-
-
-def _save_image(path: pathlib.Path, rng, truth: dict, depth: np.ndarray) -> None:
-    image = rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
-    Image.fromarray(image).save(path)
-    truth[image.tobytes()] = depth
-
-
-def write_sintel(root: pathlib.Path) -> dict:
-    rng, truth = np.random.default_rng(0), {}
-    for s, seq in enumerate(SINTEL_SEQUENCES):
-        (root / "final" / seq).mkdir(parents=True)
-        (root / "depth" / seq).mkdir(parents=True)
-        for k in range(FRAMES):
-            depth = _gt(k + s)
-            depth[0, 0] = 80.0  # beyond Sintel's 70 m cap: not scored
-            write_dpt(root / "depth" / seq / f"frame_{k + 1:04d}.dpt", depth)
-            _save_image(root / "final" / seq / f"frame_{k + 1:04d}.png", rng, truth, depth)
-    return truth
-
-
-def _png_depth(path: pathlib.Path, depth: np.ndarray, units: float) -> np.ndarray:
-    """Writes uint16 depth * units (0 stays 0); returns what the PNG holds, in metres."""
-    values = np.round(depth * units).astype(np.uint16)
-    Image.fromarray(values).save(path)
-    return values / units
-
-
-def write_bonn(root: pathlib.Path) -> dict:
-    rng, truth = np.random.default_rng(1), {}
-    for s, seq in enumerate(BONN_SEQUENCES):
-        (root / seq / "rgb_110").mkdir(parents=True)
-        (root / seq / "depth_110").mkdir(parents=True)
-        for k in range(FRAMES):
-            depth = _gt(k + s)
-            depth[1, 1] = 0.0  # no depth
-            stored = _png_depth(root / seq / "depth_110" / f"{1548266469.1 + k:.6f}.png", depth, 5000.0)
-            _save_image(root / seq / "rgb_110" / f"{1548266469.0 + k:.6f}.png", rng, truth, stored)
-    return truth
-
-
-def write_kitti(root: pathlib.Path) -> dict:
-    rng, truth = np.random.default_rng(2), {}
-    for s, drive in enumerate(("2011_09_26_drive_0002_sync_02", "2011_09_26_drive_0005_sync_03")):
-        (root / "image_gathered" / drive).mkdir(parents=True)
-        (root / "groundtruth_depth_gathered" / drive).mkdir(parents=True)
-        for k in range(FRAMES):
-            depth = _gt(k + s) * 10
-            depth[::2, ::3] = 0.0  # sparse LiDAR: 0 = no point
-            stored = _png_depth(root / "groundtruth_depth_gathered" / drive / f"{k:010d}.png", depth, 256.0)
-            _save_image(root / "image_gathered" / drive / f"{k:010d}.png", rng, truth, stored)
-    return truth
-
-
-def write_nyu(root: pathlib.Path, images: int = 3) -> dict:
-    rng, truth = np.random.default_rng(3), {}
-    (root / "nyu_images").mkdir(parents=True)
-    (root / "nyu_depths").mkdir(parents=True)
-    for k in range(images):
-        np.save(root / "nyu_depths" / f"{k:05d}.npy", _gt(k).astype(np.float32))
-        _save_image(root / "nyu_images" / f"{k:05d}.png", rng, truth, _gt(k).astype(np.float32).astype(np.float64))
-    return truth
+H, W = DEPTH_HW
+FRAMES = DEPTH_FRAMES
 
 
 class DepthOracle:

@@ -2,7 +2,6 @@
 readers and conventions checked against hand-computed points, an oracle predictor (the GT moved by a
 known Sim(3)) scores ~0, and every malformed file is a DatasetLayoutError naming it."""
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -12,91 +11,11 @@ from g2vlm_jax import geometry
 from g2vlm_jax.evaluation.benchmarks import SUITES, runner
 from g2vlm_jax.evaluation.benchmarks.base import DatasetLayoutError
 from g2vlm_jax.evaluation.benchmarks.pointmap_suites import NeuralRGBD, SevenScenes
+from tests.benchmark_fixtures import (POINTMAP_HW, pointmap_pose as _pose, rotation_about_y as _rotation, write_eth3d,
+                                      write_nrgbd, write_seven_scenes)
 
-H, W = 12, 16  # tiny frames; the readers scale the datasets' 640x480 intrinsics to the file size
+H, W = POINTMAP_HW
 SIM3 = (1.7, geometry.quaternion_to_matrix(np.array([0.9, 0.2, -0.3, 0.1])), np.array([0.5, -1.0, 2.0]))
-
-
-def _rotation(k: int) -> np.ndarray:
-    angle = 0.2 * k
-    return np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
-
-
-def _pose(k: int) -> np.ndarray:
-    """A camera-to-world pose (OpenCV axes) per frame: turning and moving sideways."""
-    c2w = np.eye(4)
-    c2w[:3, :3], c2w[:3, 3] = _rotation(k), [0.05 * k, 0.01 * k, -0.02 * k]
-    return c2w
-
-
-def _depth_mm(k: int, rng) -> np.ndarray:
-    """uint16 millimetres of a slanted wall, with one invalid pixel (0)."""
-    u = np.arange(W)[None, :]
-    depth = np.broadcast_to(1500 + 40 * u + 10 * k, (H, W)).astype(np.uint16).copy()
-    depth[0, 0] = 0
-    return depth
-
-
-def _image(k: int, rng) -> np.ndarray:
-    return rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
-
-
-def write_seven_scenes(root: pathlib.Path, frames: int = 81) -> dict:
-    """ROOT/chess/{TestSplit.txt, seq-03/frame-NNNNNN.{color.png, depth.png, pose.txt}}; returns the truth
-    per image (bytes -> (depth m, c2w)) for the oracle."""
-    rng, truth = np.random.default_rng(0), {}
-    seq = root / "chess" / "seq-03"
-    seq.mkdir(parents=True)
-    (root / "chess" / "TestSplit.txt").write_text("sequence3\n")
-    for k in range(frames):
-        image, depth = _image(k, rng), _depth_mm(k, rng)
-        if k == 40:
-            depth[1, 1] = 65535  # the 7-Scenes "no depth" value
-        Image.fromarray(image).save(seq / f"frame-{k:06d}.color.png")
-        Image.fromarray(depth).save(seq / f"frame-{k:06d}.depth.png")
-        np.savetxt(seq / f"frame-{k:06d}.pose.txt", _pose(k))
-        truth[image.tobytes()] = (np.where(depth == 65535, 0, depth) / 1000.0, _pose(k))
-    return truth
-
-
-def write_nrgbd(root: pathlib.Path, frames: int = 201) -> dict:
-    """ROOT/kitchen/{images/imgN.png, depth/depthN.png, poses.txt (OpenGL c2w, 4 lines per frame)}."""
-    rng, truth = np.random.default_rng(1), {}
-    scene = root / "kitchen"
-    (scene / "images").mkdir(parents=True)
-    (scene / "depth").mkdir()
-    gl = np.diag([1.0, -1.0, -1.0, 1.0])  # OpenCV camera axes -> OpenGL (its own inverse)
-    lines = []
-    for k in range(frames):
-        image, depth = _image(k, rng), _depth_mm(k, rng)
-        Image.fromarray(image).save(scene / "images" / f"img{k}.png")
-        Image.fromarray(depth).save(scene / "depth" / f"depth{k}.png")
-        lines += [" ".join(f"{x:.9f}" for x in row) for row in _pose(k) @ gl]
-        truth[image.tobytes()] = (depth / 1000.0, _pose(k))
-    (scene / "poses.txt").write_text("\n".join(lines) + "\n")
-    return truth
-
-
-def write_eth3d(root: pathlib.Path, frames: int = 6) -> dict:
-    """ROOT/courtyard/{images,ground_truth_depth}/custom_undistorted/DSC_NNNN.JPG, custom_undistorted_cam/*.npz
-    (π³'s prepare_eth3d.py layout: float32 depth without header, w2c extrinsics)."""
-    rng, truth = np.random.default_rng(2), {}
-    scene = root / "courtyard"
-    for sub in ("images/custom_undistorted", "ground_truth_depth/custom_undistorted", "custom_undistorted_cam"):
-        (scene / sub).mkdir(parents=True)
-    k_mat = np.array([[20.0, 0, 7.5], [0, 20.0, 5.5], [0, 0, 1]])
-    for k in range(frames):
-        image = rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
-        depth = (_depth_mm(k, rng) / 1000.0).astype(np.float32)
-        depth[2, 3] = np.inf  # no GT
-        name = f"DSC_{k:04d}"
-        Image.fromarray(image).save(scene / "images/custom_undistorted" / f"{name}.JPG", format="PNG")  # lossless
-        depth.tofile(scene / "ground_truth_depth/custom_undistorted" / f"{name}.JPG")
-        np.savez(scene / "custom_undistorted_cam" / f"{name}.npz", intrinsics=k_mat,
-                 extrinsics=geometry.se3_inverse(_pose(k)))
-        truth[np.asarray(Image.open(scene / "images/custom_undistorted" / f"{name}.JPG").convert("RGB")).tobytes()] = (
-            np.where(np.isfinite(depth), depth, 0.0).astype(np.float64), _pose(k), k_mat)
-    return truth
 
 
 class OraclePredictor:

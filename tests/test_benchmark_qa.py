@@ -4,18 +4,16 @@ the released formats: VSI-Bench (test-*.parquet + <dataset>/<scene>.mp4), SPAR-B
 OmniSpatial (data.json + <task_type>/<n>.png). A scripted predictor answers in the messy forms
 models produce; the expected scores are computed by hand in the comments."""
 import json
-import pathlib
 
-import av
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from g2vlm_jax.evaluation.benchmarks import qa_common, qa_suites
 from g2vlm_jax.evaluation.benchmarks.base import DatasetLayoutError
 from g2vlm_jax.metrics import vqa
+from tests.benchmark_fixtures import (MINDCUBE_QUESTIONS, SPAR_QUESTIONS, VSI_QUESTIONS, write_mindcube,
+                                      write_omnispatial, write_sparbench, write_vsibench)
 
 
 class ScriptedPredictor:
@@ -40,56 +38,11 @@ def _run(suite, predictor, root):
     return rows, suite.summarize(rows)
 
 
-def _png(path: pathlib.Path, value: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((6, 8, 3), value, np.uint8)).save(path)
-
-
-def _png_bytes(tmp_path, value):
-    _png(tmp_path / "tmp.png", value)
-    return (tmp_path / "tmp.png").read_bytes()
-
-
 # --------------------------------------------------------------------------------------------------
 # VSI-Bench
 # --------------------------------------------------------------------------------------------------
-def _write_mp4(path: pathlib.Path, num_frames: int) -> None:
-    """Frame k is uniformly grey with level 10·k (so the sampled indices can be read back)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        stream.options = {"qscale": "1"}
-        for k in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 10 * k, np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-
-
-# (question_type, question, options, ground_truth, scripted answer, robust score, official score)
-VSI_QUESTIONS = [
-    ("object_rel_direction_easy", "Q1 where is the sofa?", ["A. left", "B. right"], "B", "The answer is B.", 1, 0),
-    ("object_rel_direction_medium", "Q2 where is the bed?", ["A. left", "B. chair", "C. back"], "B", "B) the chair", 1, 0),
-    ("object_rel_direction_hard", "Q3 where is the tv?", ["A. x", "B. y", "C. z"], "C", "C", 1, 1),
-    ("object_abs_distance", "Q4 how far?", None, "2.0", "approximately 2.5 meters", 0.6, 0),  # |2.5-2|/2 = .25 -> θ<=.75: 6/10
-    ("object_counting", "Q5 how many chairs?", None, "3", "3", 1, 1),
-    ("route_planning", "Q6 which route?", ["A. a", "B. b", "C. c", "D. d"], "A", "D.", 0, 0),
-    ("room_size_estimation", "Q7 how big?", None, "20", "20.0.", 1, 1),
-]
-
-
-def _write_vsibench(root: pathlib.Path, questions=VSI_QUESTIONS) -> None:
-    rows = [{"id": k + 1, "dataset": "scannet" if k % 2 else "arkitscenes", "scene_name": f"scene{k % 2}",
-             "question_type": t, "question": q, "options": o, "ground_truth": gt}
-            for k, (t, q, o, gt, *_) in enumerate(questions)]
-    root.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), root / "test-00000-of-00001.parquet")
-    _write_mp4(root / "arkitscenes" / "scene0.mp4", 20)
-    _write_mp4(root / "scannet" / "scene1.mp4", 3)
-
-
 def test_vsibench_prompts_frames_scores_and_table(tmp_path, monkeypatch):
-    _write_vsibench(tmp_path)
+    write_vsibench(tmp_path)
     decoded = []
     monkeypatch.setattr(qa_suites, "video_frames", lambda path, n: decoded.append(path.name) or
                         qa_common.video_frames(path, n))
@@ -125,7 +78,7 @@ def test_vsibench_prompts_frames_scores_and_table(tmp_path, monkeypatch):
 
 
 def test_vsibench_malformed_files_name_the_file(tmp_path):
-    _write_vsibench(tmp_path)
+    write_vsibench(tmp_path)
     table = pq.read_table(tmp_path / "test-00000-of-00001.parquet").drop_columns(["ground_truth"])
     pq.write_table(table, tmp_path / "test-00000-of-00001.parquet")
     with pytest.raises(DatasetLayoutError, match=r"test-00000-of-00001\.parquet: .*lacks field.*ground_truth"):
@@ -140,13 +93,13 @@ def test_vsibench_malformed_files_name_the_file(tmp_path):
 
 def test_vsibench_unknown_type_and_bad_numeric_truth(tmp_path):
     bad = [("object_colour", "Q?", None, "red", "", 0, 0)]
-    _write_vsibench(tmp_path / "a", bad)
+    write_vsibench(tmp_path / "a", bad)
     with pytest.raises(DatasetLayoutError, match="unknown question_type 'object_colour'"):
         qa_suites.VSIBench().units(tmp_path / "a")
-    _write_vsibench(tmp_path / "b", [("object_counting", "Q?", None, "many", "", 0, 0)])
+    write_vsibench(tmp_path / "b", [("object_counting", "Q?", None, "many", "", 0, 0)])
     with pytest.raises(DatasetLayoutError, match="answer 'many' is not a number > 0"):
         qa_suites.VSIBench().units(tmp_path / "b")
-    _write_vsibench(tmp_path / "c", [("route_planning", "Q?", ["A. x", "B. y"], "C", "", 0, 0)])
+    write_vsibench(tmp_path / "c", [("route_planning", "Q?", ["A. x", "B. y"], "C", "", 0, 0)])
     with pytest.raises(DatasetLayoutError, match="question 1 has answer 'C', not an option letter A-B"):
         qa_suites.VSIBench().units(tmp_path / "c")
 
@@ -154,29 +107,9 @@ def test_vsibench_unknown_type_and_bad_numeric_truth(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # SPAR-Bench
 # --------------------------------------------------------------------------------------------------
-# (task, question, answer, scripted answer, score)
-SPAR_QUESTIONS = [
-    ("depth_prediction_oc", "S1 depth of the lamp?", "2.0", "The depth is about 2.5 m.", 0.6),
-    # *_mv reads the last number: 1.5 -> 1.0 (the first, 3, would score 0)
-    ("depth_prediction_oc_mv", "S2 depth in view 2?", "1.5", "View 2 has 3 chairs; the depth is 1.5", 1.0),
-    ("obj_spatial_relation_oo", "S3 where is the cup? A. left B. right C. above D. below", "C", "C. above", 1.0),
-    ("position_matching", "S4 which box? A. [1,2] B. [3,4]", "A", "(B)", 0.0),
-    ("view_change_infer", "S5 how did the camera move?", "move_right:1.0,rotate_left:30",
-     "move_right:1.0,rotate_left:30", 1.0),
-]
-
-
-def _write_sparbench(root, tmp_path, questions=SPAR_QUESTIONS):
-    rows = [{"id": f"spar{k}", "task": t, "question": q, "answer": a,
-             "image": [{"bytes": _png_bytes(tmp_path, 40 * k + v), "path": f"{k}_{v}.png"} for v in range(1 + k % 2)]}
-            for k, (t, q, a, *_) in enumerate(questions)]
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), root / "data" / "test-00000-of-00001.parquet")
-
-
 def test_sparbench_scores_levels_and_prompts(tmp_path):
     root = tmp_path / "spar"
-    _write_sparbench(root, tmp_path)
+    write_sparbench(root)
     predictor = ScriptedPredictor({q: a for _, q, _, a, _ in SPAR_QUESTIONS})
     rows, table = _run(qa_suites.SPARBench(), predictor, root)
     assert json.loads(json.dumps(rows)) == rows  # the runner writes rows as JSON
@@ -203,7 +136,7 @@ def test_view_change_accuracy_by_hand():
 
 def test_sparbench_malformed_rows_name_the_file(tmp_path):
     root = tmp_path / "spar"
-    _write_sparbench(root, tmp_path, [("view_change_infer", "S?", "turn a bit", "", 0)])
+    write_sparbench(root, [("view_change_infer", "S?", "turn a bit", "", 0)])
     with pytest.raises(DatasetLayoutError, match=r"test-00000-of-00001\.parquet: row spar0 view_change answer"):
         qa_suites.SPARBench().units(root)
     with pytest.raises(DatasetLayoutError, match="no SPAR-Bench parquet shard"):
@@ -213,27 +146,8 @@ def test_sparbench_malformed_rows_name_the_file(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # MindCube
 # --------------------------------------------------------------------------------------------------
-MINDCUBE_QUESTIONS = [
-    ("among_group001_q1", "M1 Which is behind the sofa? A. Above B. Under C. Front", "A", "A. Above", 1),
-    ("around_group002_q3", "M2 Where was view 2 taken? A. x B. y C. z D. w", "B", "I think the answer is B", 1),
-    ("rotation_group003_q2", "M3 What is left? A. x B. y C. z D. w", "C", "<answer>D. Behind</answer>", 0),
-]
-
-
-def _write_mindcube(root):
-    lines = []
-    for k, (qid, q, gt, *_) in enumerate(MINDCUBE_QUESTIONS):
-        images = [f"other_all_image/{qid.split('_')[0]}/{qid}_{v}.jpg" for v in range(2 + k)]
-        for v, rel in enumerate(images):
-            _png(root / rel, 30 * k + v)
-        lines.append(json.dumps({"id": qid, "category": ["x"], "type": "t", "question": q, "images": images,
-                                 "gt_answer": gt}))
-    (root / "raw").mkdir(parents=True)
-    (root / "raw" / "MindCube_tinybench.jsonl").write_text("\n".join(lines) + "\n")
-
-
 def test_mindcube_settings_and_answer_forms(tmp_path, monkeypatch):
-    _write_mindcube(tmp_path)
+    write_mindcube(tmp_path)
     monkeypatch.setattr(qa_common, "QUESTIONS_PER_UNIT", 2)
     suite = qa_suites.MindCube()
     assert suite.units(tmp_path) == ["q00000-00001", "q00002-00002"]  # fixed chunks in file order
@@ -248,7 +162,7 @@ def test_mindcube_settings_and_answer_forms(tmp_path, monkeypatch):
 
 
 def test_mindcube_missing_image_and_bad_line_name_the_file(tmp_path):
-    _write_mindcube(tmp_path)
+    write_mindcube(tmp_path)
     missing = tmp_path / "other_all_image" / "around" / "around_group002_q3_1.jpg"
     missing.unlink()
     with pytest.raises(DatasetLayoutError, match=r"around_group002_q3_1\.jpg: image not found"):
@@ -262,18 +176,8 @@ def test_mindcube_missing_image_and_bad_line_name_the_file(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # OmniSpatial
 # --------------------------------------------------------------------------------------------------
-def _write_omnispatial(root, answer_of_second=2):
-    items = [{"id": "0_0", "question": "O1 how long until it arrives?", "options": ["2.7s", "14.7s", "25.7s", "3.9s"],
-              "answer": 0, "task_type": "Dynamic_Reasoning", "sub_task_type": "Motion_Analysis"},
-             {"id": "1_2", "question": "O2 what is on my left?", "options": ["cup", "pen", "box", "bag"],
-              "answer": answer_of_second, "task_type": "Perspective_Taking", "sub_task_type": "Egocentric"}]
-    _png(root / "Dynamic_Reasoning" / "0.png", 10)
-    _png(root / "Perspective_Taking" / "1.png", 20)
-    (root / "data.json").write_text(json.dumps(items))
-
-
 def test_omnispatial_prompt_image_and_accuracy(tmp_path):
-    _write_omnispatial(tmp_path)
+    write_omnispatial(tmp_path)
     predictor = ScriptedPredictor({"O1": "A", "O2": "Answer: B"})
     rows, table = _run(qa_suites.OmniSpatial(), predictor, tmp_path)
     assert [(r["ground_truth"], r["score"]) for r in rows] == [("A", 1.0), ("C", 0.0)]
@@ -284,6 +188,6 @@ def test_omnispatial_prompt_image_and_accuracy(tmp_path):
 
 
 def test_omnispatial_answer_index_out_of_range(tmp_path):
-    _write_omnispatial(tmp_path, answer_of_second=4)
+    write_omnispatial(tmp_path, answer_of_second=4)
     with pytest.raises(DatasetLayoutError, match=r"data\.json: question 1_2 answer 4 is not an index"):
         qa_suites.OmniSpatial().units(tmp_path)

@@ -9,12 +9,12 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from g2vlm_jax import cli
 from g2vlm_jax.evaluation.benchmarks import SUITES, runner
 from g2vlm_jax.evaluation.benchmarks.predictor import ModelPredictor
 from g2vlm_jax.evaluation.benchmarks.base import Suite
+from tests.benchmark_fixtures import DEPTH_HW, KITTI_DRIVES, write_kitti, write_nyu
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 UNITS = ("a", "b/c", "d", "e", "f")
@@ -141,17 +141,8 @@ def test_report_markdown_is_the_papers_table(tmp_path):
         _run(tmp_path, RecordingPredictor(), max_units=0)
 
 
-def _nyu_layout(root, images=2):
-    rng = np.random.default_rng(0)
-    (root / "nyu_images").mkdir(parents=True)
-    (root / "nyu_depths").mkdir()
-    for k in range(images):
-        Image.fromarray(rng.integers(0, 255, (42, 56, 3), dtype=np.uint8)).save(root / "nyu_images" / f"{k:05d}.png")
-        np.save(root / "nyu_depths" / f"{k:05d}.npy", np.full((42, 56), 2.0 + k, np.float32))
-
-
 def test_cli_benchmark_on_a_tiny_checkpoint(tiny_trained_run, tmp_path):
-    _nyu_layout(tmp_path / "nyu")
+    write_nyu(tmp_path / "nyu", images=2)
     out = tmp_path / "bench"
     command = [sys.executable, "-m", "g2vlm_jax.cli", "benchmark", "--suite", "nyu-v2-mono", "--data",
                str(tmp_path / "nyu"), "--checkpoint", str(tiny_trained_run), "--width", "28", "--out", str(out)]
@@ -164,11 +155,11 @@ def test_cli_benchmark_on_a_tiny_checkpoint(tiny_trained_run, tmp_path):
     assert 0 <= values["abs_rel"] < 10 and 0 <= values["delta_1.25"] <= 1
     assert "| NYU-v2 (mono) |" in done.stdout and str(out / "report.json") in done.stdout
     (row_a, row_b) = json.loads((out / "units" / "images-0000-0001.json").read_text())["rows"]
-    assert row_a["num_valid"] == row_b["num_valid"] == 42 * 56  # scored at the GT size
+    assert row_a["num_valid"] == row_b["num_valid"] == DEPTH_HW[0] * DEPTH_HW[1]  # scored at the GT size, not 28 wide
 
 
 def test_cli_user_errors_are_one_line(tmp_path, capsys):
-    _nyu_layout(tmp_path / "nyu")
+    write_nyu(tmp_path / "nyu", images=2)
     base = ["benchmark", "--data", str(tmp_path / "nyu"), "--checkpoint", str(tmp_path / "none"), "--out",
             str(tmp_path / "out")]
     assert cli.main(base + ["--suite", "nyu"]) == cli.USER_ERROR_EXIT_CODE
@@ -180,24 +171,12 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys):
     assert "--width 7" in capsys.readouterr().err
 
 
-def _kitti_layout(root, drives=("2011_09_26_drive_0002_sync_02", "2011_09_26_drive_0005_sync_02")):
-    rng = np.random.default_rng(1)
-    for drive in drives:
-        (root / "image_gathered" / drive).mkdir(parents=True)
-        (root / "groundtruth_depth_gathered" / drive).mkdir(parents=True)
-        Image.fromarray(rng.integers(0, 255, (42, 56, 3), dtype=np.uint8)).save(
-            root / "image_gathered" / drive / "0000000005.png")
-        depth = np.zeros((42, 56), np.uint16)
-        depth[::2] = 256 * 12  # 12 m on every other row, 0 (no LiDAR point) elsewhere
-        Image.fromarray(depth).save(root / "groundtruth_depth_gathered" / drive / "0000000005.png")
-
-
 def test_cli_two_processes_write_the_one_process_report(tiny_trained_run, tmp_path):
     """Two `g2vlm benchmark` processes (jax.distributed on 127.0.0.1) each evaluate one of the two KITTI drives
     with their own copy of the model; process 0 writes the report one process writes."""
     from tests import multihost
 
-    _kitti_layout(tmp_path / "kitti")
+    write_kitti(tmp_path / "kitti")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     base = [sys.executable, "-m", "g2vlm_jax.cli", "benchmark", "--suite", "kitti-mono", "--data",
             str(tmp_path / "kitti"), "--checkpoint", str(tiny_trained_run), "--width", "28"]
@@ -214,7 +193,7 @@ def test_cli_two_processes_write_the_one_process_report(tiny_trained_run, tmp_pa
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     units = sorted(p.name for p in (tmp_path / "two" / "units").iterdir())
-    assert units == ["2011_09_26_drive_0002_sync_02.json", "2011_09_26_drive_0005_sync_02.json"]
+    assert units == [f"{drive}.json" for drive in KITTI_DRIVES]
     # the same suite in this one process, through the library
     model = ModelPredictor.load(tiny_trained_run, width=28)
     one_report = runner.run_benchmark(SUITES["kitti-mono"], model, tmp_path / "kitti", tmp_path / "one",
