@@ -251,6 +251,17 @@ def umeyama(src, dst, weights=None, with_scale: bool = True):
     return s, r, t
 
 
+def similarity_or_centroid(src, dst):
+    """umeyama(src, dst), except that a collapsed src (all points equal to float precision: a prediction
+    that put every point / camera in one place) maps onto dst's centroid, (0, I, mean(dst)): the
+    least-squares similarity over scales >= 0, so the collapsed prediction scores the spread of dst (the
+    worst an aligned prediction can) instead of raising. src, dst: [N, 3]."""
+    src = np.asarray(src, np.float64)
+    if len(src) and np.ptp(src, axis=0).max() <= 1e-12 * max(1.0, np.abs(src).max()):
+        return 0.0, np.eye(3), np.asarray(dst, np.float64).mean(axis=0)
+    return umeyama(src, dst)
+
+
 def apply_sim3(s, r, t, points):
     """s R p + t for points [...,3]."""
     return s * (points @ np.asarray(r).T) + t

@@ -77,6 +77,11 @@ def test_umeyama_recovers_sim3():
         G.umeyama(np.ones((5, 3)), dst[:5])
     with pytest.raises(ValueError, match="NaN"):
         G.umeyama(np.full((5, 3), np.nan), dst[:5])
+    # the metrics' fit: the same similarity, and a collapsed source maps onto the destination's centroid
+    np.testing.assert_allclose(G.similarity_or_centroid(src, dst)[1], r2)
+    s3, r3, t3 = G.similarity_or_centroid(np.full((5, 3), 1e6), dst[:5])
+    assert s3 == 0 and (r3 == np.eye(3)).all()
+    np.testing.assert_allclose(t3, dst[:5].mean(0))
 
 
 def test_rotations_quaternions_and_angles():

@@ -175,6 +175,24 @@ def test_trajectory_metrics_zero_under_similarity_and_one_rotated_view():
     assert got["rpe_trans"] == pytest.approx(np.sqrt(chord ** 2 / 6))
 
 
+def test_collapsed_trajectory_scores_the_gt_spread_instead_of_raising():
+    """Every predicted camera in one place (what an untrained model's camera head gives through `g2vlm
+    benchmark --suite scannet-pose`): no scale can be fitted, so the centres map onto the GT centroid and ATE
+    is the GT centres' RMS distance from their mean; RPE-trans is the RMS of the GT steps' lengths."""
+    rng = np.random.default_rng(13)
+    gt = _random_cameras(rng, 6)
+    pred = gt.copy()
+    pred[:, :3, 3] = [0.3, -1.0, 2.0]
+    got = pose.trajectory_metrics(pred, gt)
+    centres = gt[:, :3, 3]
+    assert got["ate"] == pytest.approx(np.sqrt(np.mean(np.sum((centres - centres.mean(0)) ** 2, -1))))
+    steps = np.linalg.norm(np.diff(centres, axis=0), axis=-1)
+    assert got["rpe_trans"] == pytest.approx(np.sqrt(np.mean(steps ** 2)))
+    assert got["rpe_rot"] == pytest.approx(0, abs=1e-6)  # the rotations are the GT's: R = I leaves them
+    pred[:, :3, 3] += 1e-3 * rng.normal(size=(6, 3))  # barely spread: fitted, and at least as close (s >= 0)
+    assert pose.trajectory_metrics(pred, gt)["ate"] <= got["ate"] + 1e-12
+
+
 def test_trajectory_ate_is_the_best_similarity_fit():
     rng = np.random.default_rng(12)
     gt = _random_cameras(rng, 9)

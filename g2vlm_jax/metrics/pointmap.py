@@ -111,13 +111,6 @@ def _unit(v: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Alignment
 # --------------------------------------------------------------------------------------------------
-def _similarity(pred: np.ndarray, gt: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Umeyama Sim(3) (s, R, t) with gt ≈ s R pred + t; a collapsed pred maps onto the GT centroid."""
-    if np.ptp(pred, axis=0).max() <= 1e-12 * max(1.0, np.abs(pred).max()):
-        return 0.0, np.eye(3), gt.mean(axis=0)
-    return geometry.umeyama(pred, gt)
-
-
 def icp_rigid(src: np.ndarray, dst: np.ndarray, threshold: float, max_iters: int = 30,
               dst_tree: cKDTree | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Point-to-point ICP: rigid (R [3,3], t [3]) with dst ≈ R src + t; src [N,3], dst [M,3].
@@ -189,7 +182,7 @@ def pointmap_metrics(pred_points, gt_points, mask=None, align: str = "umeyama_ic
         pred_n, gt_n = pca_normals(pred), pca_normals(gt)
     gt_tree = cKDTree(gt)
     if align != "none":
-        s, r, t = _similarity(pred, gt)
+        s, r, t = geometry.similarity_or_centroid(pred, gt)  # collapsed pred -> GT centroid
         pred, pred_n = geometry.apply_sim3(s, r, t, pred), pred_n @ r.T
         if align == "umeyama_icp" and s > 0:  # a collapsed prediction has nothing to register
             r, t = icp_rigid(pred, gt, icp_threshold, icp_iters, gt_tree)

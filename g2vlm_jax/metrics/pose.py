@@ -18,7 +18,9 @@
 - Trajectory metrics (`trajectory_metrics`, the ATE / RPE of the MonST3R / π³ video-pose tables,
   which call evo with align=True, correct_scale=True, delta = 1 frame): the predicted trajectory is
   first moved by the Umeyama Sim(3) that best maps its camera centres onto the GT centres; ATE =
-  RMSE of the centre distances; RPE compares consecutive-frame motions, E_i = (G_i⁻¹G_{i+1})⁻¹
+  RMSE of the centre distances (a prediction with every camera centre in one place has no scale to fit:
+  it maps onto the GT centroid, geometry.similarity_or_centroid, and scores the GT trajectory's spread,
+  where evo would stop the whole evaluation); RPE compares consecutive-frame motions, E_i = (G_i⁻¹G_{i+1})⁻¹
   (P_i⁻¹P_{i+1}): RPE-trans = RMSE of |translation(E_i)|, RPE-rot = RMSE of angle(E_i) in degrees.
 """
 from __future__ import annotations
@@ -124,7 +126,7 @@ def trajectory_metrics(pred_c2w, gt_c2w) -> dict:
     if pred.shape != gt.shape or len(gt) < 3:
         raise ValueError(f"trajectory_metrics: pred_c2w {pred.shape} and gt_c2w {gt.shape} must have the same "
                          "views, at least 3")
-    s, r, t = geometry.umeyama(pred[:, :3, 3], gt[:, :3, 3], with_scale=True)
+    s, r, t = geometry.similarity_or_centroid(pred[:, :3, 3], gt[:, :3, 3])
     aligned = pred.copy()
     aligned[:, :3, :3] = r @ pred[:, :3, :3]
     aligned[:, :3, 3] = geometry.apply_sim3(s, r, t, pred[:, :3, 3])
