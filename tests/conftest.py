@@ -47,3 +47,19 @@ def tiny_trained_run(tmp_path_factory):
     cfg = C.load_experiment(str(ROOT / "experiments/tiny_synthetic.py:test"), [f"workdir={workdir}"])
     loop.train(cfg, stop_after_steps=3, run_final_eval=False)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_qa_checkpoint(tmp_path_factory):
+    """A params-only checkpoint of a freshly initialised `tiny_synthetic:qa_test` model (semantic expert + ViT),
+    written through the export path (no training: answers are random text, which is all the spatial-QA
+    plumbing tests need)."""
+    from flax import nnx
+
+    from g2vlm_jax import config as C, export
+    from g2vlm_jax.model.g2vlm import G2VLM
+
+    workdir = tmp_path_factory.mktemp("tiny_qa")
+    cfg = C.load_experiment(str(ROOT / "experiments/tiny_synthetic.py:qa_test"), [f"workdir={workdir / 'run'}"])
+    model = G2VLM(cfg.model, rngs=nnx.Rngs(cfg.seed))
+    return export.save_model(model, cfg, workdir / "checkpoint", dtype="float32", source="tests: qa_test at init")
