@@ -36,7 +36,7 @@ import pathlib
 import grain
 import numpy as np
 from absl import logging
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from data_pipelines import sampling, sequence
 from data_pipelines.records import BadRecordError
@@ -120,17 +120,19 @@ def eval_bucket(data: DataConfig) -> Bucket:
     return Bucket(max(b for b in data.view_buckets if b <= data.max_views), *data.image_size)
 
 
-def _draw_markers(image: np.ndarray, markers, view: int, scale: tuple[float, float]) -> np.ndarray:
-    """Draws the question's point markers (a ring + label) on a semantic image [H,W,3] uint8."""
+def draw_markers(image: np.ndarray, markers, view: int) -> np.ndarray:
+    """The question's point markers of `view` drawn on an image [H, W, 3] uint8: a red ring of radius H/14
+    (4 px at the 56-px training size: it must cover a good part of a 14-px patch to be seen) and its label."""
+    mine = [m for m in markers if m[0] == view]
+    if not mine:
+        return image
     pil = Image.fromarray(image)
     draw = ImageDraw.Draw(pil)
-    r = max(2, image.shape[0] // 40)
-    for mv, u, v, label in markers:
-        if mv != view:
-            continue
-        x, y = u * scale[0], v * scale[1]
-        draw.ellipse([x - r, y - r, x + r, y + r], outline=(255, 0, 0), width=max(1, r // 2))
-        draw.text((x + r, y - 3 * r), str(label), fill=(255, 0, 0))
+    r = max(2, round(image.shape[0] / 14))
+    font = ImageFont.load_default(size=max(8, 2 * r))
+    for _, u, v, label in mine:
+        draw.ellipse([u - r, v - r, u + r, v + r], outline=(255, 0, 0), width=max(1, r // 2))
+        draw.text((u + r, v - 3 * r), str(label), fill=(255, 0, 0), font=font)
     return np.asarray(pil)
 
 
@@ -138,10 +140,17 @@ def qa_inputs(scene, qa, bucket: Bucket, sem_size: tuple[int, int], rng: np.rand
               augment: bool) -> tuple[sampling.ViewSample, np.ndarray]:
     """The model inputs of one question: geometry views and the marked semantic image.
 
-    The question's own views come first (in their order), then other sampled frames. The semantic
-    image is the question's first view resized to `sem_size` (H, W) with its markers drawn, as
-    float32[H, W, 3] in [0, 1]. Shared by training batches and the spatial-QA evaluator.
+    The question's markers are drawn on its source views first, so the geometry frames and the
+    semantic image show the same marked pixels, as a real marked QA image (SPAR-style) reaches both
+    encoders. The question's own views come first (in their order), then other sampled frames. The
+    semantic image is the question's first view resized to `sem_size` (H, W), as float32[H, W, 3] in
+    [0, 1]. Shared by training batches and the spatial-QA evaluator.
     """
+    if qa.markers:
+        images = scene.images.copy()
+        for view in {m[0] for m in qa.markers}:
+            images[view] = draw_markers(images[view], qa.markers, view)
+        scene = dataclasses.replace(scene, images=images)
     frames = list(qa.views[:bucket.views])
     rest = [f for f in sampling.sample_frames(scene.num_views, bucket.views + len(frames), rng) if f not in frames]
     frames = (frames + rest + frames * bucket.views)[:bucket.views]
@@ -150,7 +159,6 @@ def qa_inputs(scene, qa, bucket: Bucket, sem_size: tuple[int, int], rng: np.rand
     src_view = qa.views[0] if qa.views else frames[0]
     sh, sw = sem_size
     img = np.asarray(Image.fromarray(scene.images[src_view]).resize((sw, sh), Image.BICUBIC))
-    img = _draw_markers(img, qa.markers, src_view, (sw / scene.images.shape[2], sh / scene.images.shape[1]))
     return views, img.astype(np.float32) / 255.0
 
 

@@ -37,3 +37,7 @@ def test_qa_experiment_answers_every_question_in_its_type(tmp_path):
             assert vqa.extract_number(a["prediction"]) is not None, a
         else:
             assert vqa.extract_choice(a["prediction"], 4) is not None, a
+    # A family answered with one constant answer is named in a warning (the score is then the text prior's).
+    for task, values in report["per_task"].items():
+        named = f"{task}: '" in proc.stderr
+        assert named == (values["distinct_predictions"] == 1), (task, values, proc.stderr[-2000:])

@@ -61,13 +61,13 @@ def test_spatial_qa_report_and_eval_command(qa_run):
 
 
 def test_score_report_bookkeeping():
-    records = [{"task": "distance", "answer_type": "numeric", "score": 0.5},
-               {"task": "distance", "answer_type": "numeric", "score": 1.0},
-               {"task": "closer", "answer_type": "choice", "score": 0.0}]
+    records = [{"task": "distance", "answer_type": "numeric", "score": 0.5, "prediction": "2.1"},
+               {"task": "distance", "answer_type": "numeric", "score": 1.0, "prediction": "3.4"},
+               {"task": "closer", "answer_type": "choice", "score": 0.0, "prediction": "B"}]
     report = spatial_qa.score_report(records)
     assert report["overall"] == pytest.approx(0.5)
-    assert report["per_task"] == {"closer": {"score": 0.0, "count": 1, "metric": "accuracy"},
-                                  "distance": {"score": 0.75, "count": 2, "metric": "MRA"}}
+    assert report["per_task"] == {"closer": {"score": 0.0, "count": 1, "metric": "accuracy", "distinct_predictions": 1},
+                                  "distance": {"score": 0.75, "count": 2, "metric": "MRA", "distinct_predictions": 2}}
     assert report["per_answer_type"] == {"choice": 0.0, "numeric": 0.75}
     assert "overall_baseline" not in report
     with_baseline = [{**r, "baseline_answer": "X", "baseline_score": b} for r, b in zip(records, (0.25, 0.75, 1.0))]
@@ -75,7 +75,7 @@ def test_score_report_bookkeeping():
     assert report["overall_baseline"] == pytest.approx(2 / 3)
     assert report["per_task"]["distance"]["baseline"] == pytest.approx(0.5)
     assert report["per_task"]["closer"] == {"score": 0.0, "count": 1, "metric": "accuracy", "baseline": 1.0,
-                                            "baseline_answer": "X"}
+                                            "baseline_answer": "X", "distinct_predictions": 1}
     with pytest.raises(ValueError, match="no questions"):
         spatial_qa.score_report([])
 

@@ -25,6 +25,7 @@ import functools
 import pathlib
 
 import numpy as np
+from absl import logging
 
 from data_pipelines import pipeline
 from g2vlm_jax import config as config_lib
@@ -119,7 +120,10 @@ def score_report(records: list[dict]) -> dict:
         "num_questions": len(records),
         "overall": float(np.mean([r["score"] for r in records])),
         "per_task": {t: {"score": float(np.mean([r["score"] for r in rs])), "count": len(rs),
-                         "metric": metric[rs[0]["answer_type"]]} for t, rs in sorted(per_task.items())},
+                         "metric": metric[rs[0]["answer_type"]],
+                         # 1 = the same answer to every question: a prior learnt from the text, not the images
+                         "distinct_predictions": len({r.get("prediction") for r in rs})}
+                     for t, rs in sorted(per_task.items())},
         "per_answer_type": {t: float(np.mean(s)) for t, s in sorted(per_type.items())},
         "examples": records[:NUM_EXAMPLES],
     }
@@ -156,4 +160,19 @@ def run_spatial_qa(spec, cfg: config_lib.ExperimentConfig, state, *, num_batches
                 record.update(baseline_answer=baselines[qa.task], baseline_score=float(vqa_metrics.score_answer(
                     baselines[qa.task], qa.answer, qa.answer_type, num_choices=num_choices)))
             records.append(record)
-    return score_report(records), records
+    report = score_report(records)
+    _warn_constant_answers(report, records)
+    return report, records
+
+
+def _warn_constant_answers(report: dict, records: list[dict]) -> None:
+    """One warning naming the families whose questions (5 or more) all got the same answer: their score then
+    measures the text prior, not whether the model looks at the images."""
+    constant = {task: next(r["prediction"] for r in records if r["task"] == task)
+                for task, values in report["per_task"].items()
+                if values["count"] >= 5 and values["distinct_predictions"] == 1}
+    if constant:
+        logging.warning("spatial_qa: one answer to every question of %d of %d families (%s): the model answers them "
+                        "from the question text, not from the images (train on more scenes / for longer)",
+                        len(constant), len(report["per_task"]),
+                        ", ".join(f"{task}: {answer[:12]!r}" for task, answer in constant.items()))
