@@ -75,3 +75,18 @@ def test_train_step_is_traced_once(tmp_path):
         assert np.isfinite(float(metrics["loss"]))
     assert (counter.traces, counter.compiles) == (1, 1)
     assert int(state.step) == 3  # three optimiser updates were applied
+
+
+def test_reconstructor_reuses_one_split_and_program():
+    """A Reconstructor (one model split, many image sets) gives predict's results and compiles nothing more."""
+    model = G2VLM(C.tiny_model(use_vit=False), rngs=nnx.Rngs(1))
+    tok = load_tokenizer("sentencepiece:builtin")
+    images = [_images(seed, 2, 28, 28) for seed in range(3)]
+    want = [reconstruct.predict(model, tok, im) for im in images]
+    counter = EventCounter("_geometry")
+    reconstructor = reconstruct.Reconstructor(model, tok)
+    for im, ref in zip(images, want):
+        got = reconstructor(im)
+        for key in ("local_points", "world_points", "c2w"):
+            np.testing.assert_array_equal(got[key], ref[key])
+    assert (counter.traces, counter.compiles) == (0, 0)
