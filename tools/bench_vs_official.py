@@ -39,7 +39,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import resource
 import statistics
 import subprocess
 import sys
@@ -90,7 +89,12 @@ def frame_height(width: int) -> int:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: on Linux that survives
+    fork + exec, so a worker would report the driver's peak whenever its own is smaller."""
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line (this tool measures memory on Linux only)")
 
 
 def image_files(folder: pathlib.Path, views: int) -> list[str]:
@@ -171,6 +175,8 @@ def worker_official_recon(args, case: Case) -> dict:
 
     from tools.official_reference import build_official_model
 
+    if args.official_threads:
+        torch.set_num_threads(args.official_threads)
     built = build_official_model(args.official_src, args.ckpt, dino_width=case.width)
     files = image_files(pathlib.Path(args.images), case.views)
 
@@ -213,7 +219,7 @@ def run_worker(python: str, side: str, case: Case, args, ckpt: pathlib.Path, ima
     cmd = [python, str(pathlib.Path(__file__).resolve()), "worker", "--side", side, "--case", case.name,
            "--ckpt", str(ckpt), "--images", str(images), "--out", str(out), "--repeats", str(args.repeats)]
     if side == "official":
-        cmd += ["--official-src", args.official_src]
+        cmd += ["--official-src", args.official_src, "--official-threads", str(args.official_threads)]
     # A persistent compilation cache of this run only, as `g2vlm` enables one: round 0 compiles (cold),
     # later rounds read the programs back (warm, the steady state of repeated CLI runs).
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(out.parent / "jax_cache"),
@@ -319,7 +325,8 @@ def driver_main(args) -> None:
             rows.append(measure_case(case, args, ckpts[case.model], tmp / "images", tmp))
             print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs; medians of {args.rounds} "
-          f"process(es) x {args.repeats} call(s) per side; load avg = 1-min load average before-after each row\n")
+          f"process(es) x {args.repeats} call(s) per side; official torch threads: {args.official_threads or 'default'}; "
+          "load avg = 1-min load average before-after each row\n")
     print(markdown(rows))
 
 
@@ -332,6 +339,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per side and case")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per process (after the first)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per worker process")
+    parser.add_argument("--official-threads", type=int, default=0,
+                        help="torch.set_num_threads in the official workers (0: torch's default, one per core)")
     parser.add_argument("--official-memory-fraction", type=float, default=0.5,
                         help="run the official side only where its dense attention fits this share of MemAvailable")
     w = sub.add_parser("worker", help="one measurement (started by the driver)")
@@ -341,6 +350,7 @@ def main(argv=None) -> None:
         w.add_argument(name, required=True)
     w.add_argument("--repeats", type=int, default=2)
     w.add_argument("--official-src", default="")
+    w.add_argument("--official-threads", type=int, default=0)
     args = parser.parse_args(argv)
     (worker_main if args.cmd == "worker" else driver_main)(args)
 
