@@ -314,12 +314,12 @@ def driver_main(args) -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = pathlib.Path(tmp_name)
         prepare_images(tmp / "images")
-        ckpts = {}
-        for model in sorted({c.model for c in cases}):
-            ckpts[model] = tmp / f"ckpt_{model}"
-            sys.path.insert(0, str(ROOT))
-            from tools.official_reference import write_random_checkpoint
-            write_random_checkpoint(model_config(model), ckpts[model])
+        sys.path.insert(0, str(ROOT))
+        from tools.official_reference import write_random_checkpoint
+
+        ckpts = {model: tmp / f"ckpt_{model}" for model in sorted({c.model for c in cases})}
+        for model, path in ckpts.items():
+            write_random_checkpoint(model_config(model), path)  # the same weights for both sides
         rows = []
         for case in cases:
             rows.append(measure_case(case, args, ckpts[case.model], tmp / "images", tmp))
