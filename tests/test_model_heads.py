@@ -188,3 +188,17 @@ def test_heads_bfloat16_decoders_keep_fp32_outputs(golden_heads):
     _assert_proper(np.asarray(out["camera_poses"])[..., :3, :3])
     np.testing.assert_allclose(np.asarray(out["global_points"]), g["out:global_points"], rtol=0.1, atol=0.1)
     assert np.all(np.isfinite(np.asarray(grads)))
+
+
+@pytest.mark.parametrize("lq, lk", [(600, 600), (1300, 600)])
+def test_full_attention_above_the_dense_limit_is_blockwise_and_exact(lq, lk):
+    """Decoder/encoder attention (`encoder_layers.attention`) runs the MoT kernels on all-allowed metadata:
+    above 512^2 pairs per row the memory-linear blockwise kernel, equal to dense softmax attention."""
+    from g2vlm_jax.model.attention import select_kernel
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, n, 4, 16)), jnp.float32) for n in (lq, lk, lk))
+    assert select_kernel(q, k, backend="cpu") == "blockwise"
+    got = jax.jit(encoder_layers.attention)(q, k, v)
+    want = jax.nn.dot_product_attention(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

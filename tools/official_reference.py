@@ -197,36 +197,44 @@ def _random_value(name: str, shape: tuple[int, ...], rng):
     return (std * rng.standard_normal(shape)).astype(np.float32)
 
 
-def cmd_checkpoint(args) -> None:
+def write_random_checkpoint(model_cfg, out: pathlib.Path) -> dict[str, int]:
+    """An official-layout checkpoint of `model_cfg` (vocab 512: the tiny tokenizer fills it) with seeded
+    random weights on every tensor (`_random_value`), written by g2vlm_jax.convert; returns the special ids."""
     import tempfile
 
     import numpy as np
     from flax import nnx
 
     sys.path.insert(0, str(ROOT))
-    from g2vlm_jax import config as C
     from g2vlm_jax import convert
     from g2vlm_jax.model.g2vlm import G2VLM
 
-    cfg = C.tiny_model(use_vit=True)
-    model = G2VLM(cfg, rngs=nnx.Rngs(0))
-    template = convert.to_official(model, "float32")
+    model = nnx.eval_shape(lambda: G2VLM(model_cfg, rngs=nnx.Rngs(0)))
+    template = convert.official_shapes(model_cfg, model)
     rng = np.random.default_rng(SEED)
-    state = {name: _random_value(name, template[name].shape, rng) for name in sorted(template)}
-    model = convert.from_official(state, cfg)
-    out = pathlib.Path(args.out)
+    state = {name: _random_value(name, tuple(template[name]), rng) for name in sorted(template)}
+    model = convert.from_official(state, model_cfg)
     with tempfile.TemporaryDirectory() as tmp:
         ids = build_tokenizer(pathlib.Path(tmp))
         # Every model id decodes: the vocabulary fills the embedding table exactly.
-        assert max(ids.values()) == cfg.text.vocab_size - 1, (ids, cfg.text.vocab_size)
+        assert max(ids.values()) == model_cfg.text.vocab_size - 1, (ids, model_cfg.text.vocab_size)
         convert.write_official_dir(model, out, dtype="float32", tokenizer_dir=tmp)
     # Round trip: what was written is exactly the random state.
     _, back = convert.read_official_dir(out)
     assert sorted(back) == sorted(state)
     for name, value in state.items():
         np.testing.assert_array_equal(np.asarray(back[name]), value, err_msg=name)
+    return ids
+
+
+def cmd_checkpoint(args) -> None:
+    sys.path.insert(0, str(ROOT))
+    from g2vlm_jax import config as C
+
+    out = pathlib.Path(args.out)
+    ids = write_random_checkpoint(C.tiny_model(use_vit=True), out)
     size = sum(p.stat().st_size for p in out.iterdir())
-    print(f"wrote {out} ({size / 2**20:.2f} MiB, {sum(v.size for v in state.values())} parameters)")
+    print(f"wrote {out} ({size / 2**20:.2f} MiB)")
     print("special ids:", {s: ids[s] for s in SPECIALS})
 
 
@@ -345,18 +353,15 @@ def _f32_torch():
     return TorchF32("torch")
 
 
-def cmd_run(args) -> None:
-    import subprocess
-
-    import numpy as np
+def build_official_model(official_src, ckpt, *, dino_width: int, dino_segments: str = "per_image"):
+    """The official G2VLM built from `ckpt` exactly as g2vlm_utils.load_model_and_tokenizer builds it, with the
+    CPU patches of the module docstring applied (official venv). Returns a namespace: model (float32, eval),
+    tokenizer, new_token_ids, dino_transform, f32 (the bf16->fp32 torch namespace) and `settings`, the
+    mutable patch settings {'dino_segments': 'per_image' | 'shipped', 'dino_width': int}."""
     import torch
-    from PIL import Image
 
-    torch.manual_seed(SEED)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)  # deterministic reductions
-    src = pathlib.Path(args.official_src).resolve()
-    ckpt = pathlib.Path(args.ckpt).resolve()
+    src = pathlib.Path(official_src).resolve()
+    ckpt = pathlib.Path(ckpt).resolve()
     sys.path[:0] = [str(src), str(src / "modeling")]
     install_import_only_modules()
 
@@ -365,9 +370,7 @@ def cmd_run(args) -> None:
     import modeling.g2vlm.g2vlm as g2_mod
     import modeling.g2vlm.qwen2vl as qwen_mod
     import modeling.qwen2vl.modeling_qwen2_vl as hfq_mod
-    import pi3.models.pi3_loss as loss_mod
-    from data.data_utils import add_special_tokens, pil_img2rgb
-    from data.transforms import QwenVL2ImageTransform
+    from data.data_utils import add_special_tokens
     from data.transforms_vggt import DinoImageNormalizeTransform
     from modeling.g2vlm import (G2VLM, Dinov2WithRegistersConfig, Dinov2WithRegistersModel, G2VLMConfig,
                                 Qwen2VLConfig)
@@ -384,10 +387,10 @@ def cmd_run(args) -> None:
         mod.torch = f32
     qwen_mod.flash_attn_varlen_func = varlen_attention
     hfq_mod.flash_attn_varlen_func = varlen_attention
-    dino_segments = {"mode": args.dino_segments}
+    settings = {"dino_segments": dino_segments, "dino_width": dino_width}
 
     def dino_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
-        if dino_segments["mode"] == "per_image":
+        if settings["dino_segments"] == "per_image":
             n = len(cu_seqlens_q) - 1
             per = q.shape[0] // n
             cu_seqlens_q = cu_seqlens_k = torch.arange(n + 1, dtype=torch.int32) * per
@@ -419,7 +422,7 @@ def cmd_run(args) -> None:
 
     # ---- DINO width: the official inference hard-codes 518 ----
     orig_resize14 = g2_mod.load_and_resize14
-    g2_mod.load_and_resize14 = lambda images, new_width: orig_resize14(images, args.dino_width)
+    g2_mod.load_and_resize14 = lambda images, new_width: orig_resize14(images, settings["dino_width"])
 
     # ---- build exactly as g2vlm_utils.load_model_and_tokenizer (tiny configs from the folder) ----
     llm_config = Qwen2VLConfig.from_json_file(str(ckpt / "text_config.json"))
@@ -454,6 +457,28 @@ def cmd_run(args) -> None:
         raise SystemExit("checkpoint does not match the official model")
     assert own == set(state), sorted(own ^ set(state))
     model = model.float().eval()
+    return types.SimpleNamespace(model=model, tokenizer=tokenizer, new_token_ids=new_token_ids,
+                                 dino_transform=dino_transform, settings=settings, f32=f32)
+
+
+def cmd_run(args) -> None:
+    import subprocess
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    torch.manual_seed(SEED)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)  # deterministic reductions
+    built = build_official_model(args.official_src, args.ckpt, dino_width=args.dino_width,
+                                 dino_segments=args.dino_segments)
+    model, tokenizer, new_token_ids = built.model, built.tokenizer, built.new_token_ids
+    dino_transform, dino_segments, f32 = built.dino_transform, built.settings, built.f32
+    import pi3.models.pi3_loss as loss_mod
+    from data.data_utils import pil_img2rgb
+    from data.transforms import QwenVL2ImageTransform
+    language_model, vit_model = model.language_model, model.vit_model
     print("vit attention class:", type(vit_model.blocks[0].attn).__name__,
           "| llm attention class:", type(language_model.model.layers[0].self_attn).__name__)
 
@@ -472,7 +497,7 @@ def cmd_run(args) -> None:
 
     # Slow (official) and fast (tokenizer.json, what our code reads) tokenizers must agree.
     from tokenizers import Tokenizer as Fast
-    fast = Fast.from_file(str(ckpt / "tokenizer.json"))
+    fast = Fast.from_file(str(pathlib.Path(args.ckpt) / "tokenizer.json"))
     for text in (RECON_PROMPT, f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n",
                  QUESTION + "<|im_end|>\n<|im_start|>assistant", "<|im_start|>user\\your text<|im_end|>\n"):
         slow_ids = tokenizer.encode(text)
@@ -540,9 +565,9 @@ def cmd_run(args) -> None:
         rec[f"recon_{key}"] = npy(pred[key]).astype(np.float32)
     rec["recon_has_conf"] = np.array(pred["conf"] is not None)
 
-    dino_segments["mode"] = "shipped"
+    dino_segments["dino_segments"] = "shipped"
     pred_shipped = run_recon()
-    dino_segments["mode"] = args.dino_segments
+    dino_segments["dino_segments"] = args.dino_segments
     rec["recon_dino_tokens_shipped_segments"] = npy(dino_out[0])
     rec["recon_camera_poses_shipped_segments"] = npy(pred_shipped["camera_poses"])
 

@@ -29,6 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from g2vlm_jax.model.attention import attention as shared_attention
+from g2vlm_jax.model.mask import MaskInfo
+
 INIT_STD = 0.02
 
 
@@ -61,8 +64,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
     q: float[B, Lq, H, Dh], k, v: float[B, Lk, H, Dh] -> float[B, Lq, H, Dh]. Every batch row attends
     only within itself, which is how the encoders keep attention inside one image / one frame.
+    Runs through the MoT stack's entry point (model/attention.py, kernel 'auto') with metadata that
+    allows every pair: on CPU dense up to 512^2 pairs per row, the memory-linear blockwise kernel above
+    (a 518x392 frame has 1036 tokens: dense logits of 8 frames x 16 heads would be 0.5 GiB per layer).
     """
-    return jax.nn.dot_product_attention(q, k, v)
+    b, lq = q.shape[:2]
+    return shared_attention(q, k, v, MaskInfo.unmasked(b, lq), key_info=MaskInfo.unmasked(b, k.shape[1]),
+                            geo_mode="global")
 
 
 def gelu(x: jax.Array) -> jax.Array:
