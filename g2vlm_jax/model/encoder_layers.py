@@ -21,6 +21,8 @@ Official weight names are derived from our parameter paths (`official_key`):
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 from typing import Iterable, Mapping
 
@@ -30,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from g2vlm_jax.model.attention import attention as shared_attention
+from g2vlm_jax.model.attention import select_kernel
 from g2vlm_jax.model.mask import MaskInfo
 
 INIT_STD = 0.02
@@ -59,18 +62,40 @@ def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple, param_dty
     return nnx.Param(init(rngs.params(), shape, param_dtype))
 
 
+# The model's `attention_kernel` while G2VLM traces its encoders and heads (`model_kernel`); 'auto' elsewhere.
+_MODEL_KERNEL: contextvars.ContextVar[str] = contextvars.ContextVar("model_attention_kernel", default="auto")
+
+
+@contextlib.contextmanager
+def model_kernel(kernel: str):
+    """Runs the encoders and Pi3 heads traced inside with the model's `attention_kernel` (G2VLM.__call__),
+    so that a program compiled ahead of time for a TPU (`g2vlm aot` sets the kernel to the TPU's) is the
+    program a TPU runs, not the one the tracing CPU would pick."""
+    token = _MODEL_KERNEL.set(kernel)
+    try:
+        yield
+    finally:
+        _MODEL_KERNEL.reset(token)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Full (non-causal) softmax attention, scale Dh^-0.5.
 
     q: float[B, Lq, H, Dh], k, v: float[B, Lk, H, Dh] -> float[B, Lq, H, Dh]. Every batch row attends
     only within itself, which is how the encoders keep attention inside one image / one frame.
-    Runs through the MoT stack's entry point (model/attention.py, kernel 'auto') with metadata that
-    allows every pair: on CPU dense up to 512^2 pairs per row, the memory-linear blockwise kernel above
-    (a 518x392 frame has 1036 tokens: dense logits of 8 frames x 16 heads would be 0.5 GiB per layer).
+    The kernel is the model's (`model_kernel`; 'auto' resolved by `select_kernel` for the running backend):
+    'xla' / 'blockwise' run through the MoT stack's entry point with metadata that allows every pair (on
+    CPU dense up to 512^2 pairs per row, memory-linear blockwise above: dense logits of 8 frames of
+    518x392 with 16 heads would be 0.5 GiB per layer); on TPU and GPU ('tpu_flash' / 'cudnn', kernels
+    for the packed-row mask) XLA's fused dot-product attention, which needs no mask.
     """
+    kernel = _MODEL_KERNEL.get()
+    name = select_kernel(q, k) if kernel == "auto" else kernel
+    if name in ("tpu_flash", "cudnn"):
+        return jax.nn.dot_product_attention(q, k, v)
     b, lq = q.shape[:2]
     return shared_attention(q, k, v, MaskInfo.unmasked(b, lq), key_info=MaskInfo.unmasked(b, k.shape[1]),
-                            geo_mode="global")
+                            geo_mode="global", kernel=name)
 
 
 def gelu(x: jax.Array) -> jax.Array:

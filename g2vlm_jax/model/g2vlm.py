@@ -38,6 +38,7 @@ from flax import nnx, struct
 from g2vlm_jax.batch import PackedBatch, check_batch
 from g2vlm_jax.config import ModelConfig
 from g2vlm_jax.model.mask import MaskInfo
+from g2vlm_jax.model import encoder_layers
 from g2vlm_jax.model.dino import GeometryEncoder
 from g2vlm_jax.model.heads import GeometryHeads
 from g2vlm_jax.model.kv_cache import KVCache
@@ -161,6 +162,11 @@ class G2VLM(nnx.Module):
                  global_points: bool = True, cache: KVCache | None = None) -> ModelOutput:
         """The forward pass; with a decoding `cache` (prefill) the batch's k/v are also written into it."""
         check_batch(batch)
+        with encoder_layers.model_kernel(self.cfg.attention_kernel):  # encoders and heads: the model's kernel
+            return self._forward(batch, compute_logits, compute_geometry, global_points, cache)
+
+    def _forward(self, batch: PackedBatch, compute_logits: bool, compute_geometry: bool, global_points: bool,
+                 cache: KVCache | None) -> ModelOutput:
         t = self.cfg.text
         xu = constrain(self.embed_semantic(batch), ACT_AXES)
         xg = constrain(self.embed_geometry(batch), ACT_AXES)
