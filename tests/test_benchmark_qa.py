@@ -165,7 +165,7 @@ def test_mindcube_missing_image_and_bad_line_name_the_file(tmp_path):
     write_mindcube(tmp_path)
     missing = tmp_path / "other_all_image" / "around" / "around_group002_q3_1.jpg"
     missing.unlink()
-    with pytest.raises(DatasetLayoutError, match=r"around_group002_q3_1\.jpg: image not found"):
+    with pytest.raises(DatasetLayoutError, match=r"around_group002_q3_1\.jpg is missing: expected an RGB image"):
         qa_suites.MindCube().evaluate(ScriptedPredictor({"M": "A"}), tmp_path, "q00000-00002")
     with open(tmp_path / "raw" / "MindCube_tinybench.jsonl", "a") as f:
         f.write('{"id": "among_x", "question": "cut off\n')

@@ -29,10 +29,10 @@ import json
 import pathlib
 
 import numpy as np
-from PIL import Image
 
 from g2vlm_jax import geometry
 from g2vlm_jax.evaluation.benchmarks.base import DatasetLayoutError, Predictor, Suite
+from g2vlm_jax.evaluation.benchmarks.formats import read_rgb
 from g2vlm_jax.metrics import pose as pose_metrics
 
 SAMPLING_SEED = 42          # π³ configs/evaluation/relpose-angular.yaml
@@ -73,17 +73,6 @@ def _read_json(path: pathlib.Path, gz: bool = False):
     except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
         kind = "gzip-compressed JSON" if gz else "JSON"
         raise DatasetLayoutError(f"{path}: not valid {kind} ({e}); re-download or re-extract it") from e
-
-
-def load_image(path: pathlib.Path) -> np.ndarray:
-    """uint8[H, W, 3] RGB of an image file; DatasetLayoutError naming it when missing or unreadable."""
-    if not path.is_file():
-        raise DatasetLayoutError(f"{path}: image not found; the annotation lists it")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except OSError as e:
-        raise DatasetLayoutError(f"{path}: not a readable image ({e})") from e
 
 
 def legacy_sampling_plan(frame_counts: list[tuple[str, int]], num_frames: int = FRAMES_PER_SEQUENCE,
@@ -146,7 +135,7 @@ class PoseSuite(Suite):
 
     def evaluate(self, predictor: Predictor, data_dir: pathlib.Path, unit: str) -> list[dict]:
         paths, gt_c2w, extra = self._frames(pathlib.Path(data_dir), unit)
-        images = [load_image(p) for p in paths]
+        images = [read_rgb(p) for p in paths]
         pred_c2w = np.asarray(predictor.reconstruct(images)["c2w"], dtype=np.float64)
         if pred_c2w.shape != gt_c2w.shape:
             raise ValueError(f"{self.name} {unit}: predictor returned c2w {pred_c2w.shape} for {len(paths)} frames")

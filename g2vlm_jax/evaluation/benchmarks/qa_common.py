@@ -172,16 +172,6 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
         raise DatasetLayoutError(f"{where}: embedded image is not decodable ({e})") from e
 
 
-def load_image(path: pathlib.Path) -> np.ndarray:
-    if not path.is_file():
-        raise DatasetLayoutError(f"{path}: image not found; the question file refers to it")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except OSError as e:
-        raise DatasetLayoutError(f"{path}: not a readable image ({e})") from e
-
-
 # --------------------------------------------------------------------------------------------------
 # Video
 # --------------------------------------------------------------------------------------------------

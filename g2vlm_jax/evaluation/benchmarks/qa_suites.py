@@ -17,8 +17,9 @@ import pathlib
 import numpy as np
 
 from g2vlm_jax.evaluation.benchmarks.base import DatasetLayoutError, Suite
+from g2vlm_jax.evaluation.benchmarks.formats import read_rgb
 from g2vlm_jax.evaluation.benchmarks.qa_common import (QASuite, Question, decode_image, inline_option_count,
-                                                       load_image, read_jsonl_rows, read_parquet_rows,
+                                                       read_jsonl_rows, read_parquet_rows,
                                                        require_fields, video_frames)
 from g2vlm_jax.metrics import vqa
 
@@ -276,7 +277,7 @@ class MindCube(QASuite):
         return out
 
     def images(self, data_dir, question):
-        return [load_image(pathlib.Path(p)) for p in question.media]
+        return [read_rgb(pathlib.Path(p)) for p in question.media]
 
     def score(self, question, prediction):
         return {"score": _letter_or_number_score(question, prediction)}
@@ -329,7 +330,7 @@ class OmniSpatial(QASuite):
         return out
 
     def images(self, data_dir, question):
-        return [load_image(data_dir / question.media[0])]
+        return [read_rgb(data_dir / question.media[0])]
 
     def score(self, question, prediction):
         return {"score": _letter_or_number_score(question, prediction)}
