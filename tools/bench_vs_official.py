@@ -236,7 +236,7 @@ def max_relative_error(ours: pathlib.Path, official: pathlib.Path) -> float:
     """max |ours - official| / max |official| over local points, world points and camera poses."""
     import numpy as np
 
-    a, b = np.load(ours), np.load(official)
+    a, b = np.load(ours, allow_pickle=False), np.load(official, allow_pickle=False)
     return max(float(np.max(np.abs(a[k] - b[k])) / np.max(np.abs(b[k]))) for k in ("local_points", "world_points",
                                                                                   "camera_poses"))
 
