@@ -43,9 +43,12 @@ training layout (config.pretrain_train_recon on, visual_und off: no ViT in a rec
 the float32 `Pi3Loss` (`official_reference.float32_loss`), `loss.backward()`, `clip_grad_norm_`,
 `torch.optim.AdamW.step()`; its flex attention runs on official_reference's dense CPU stand-in. What
 differs: the official positions of the DINO tokens are ours (the same packed_position_ids tensor is given
-to both); our lr schedule warms up over 1 step (step 1 runs at lr 0, the official AdamW at 2e-3: the
-first step's loss, which is compared, is computed before any update on both sides). Compared: the first
-step's total loss, |ours - official| / |official| (the "max rel err" column of the train row).
+to both, so the official get_rope_index_image_3D_dino is not exercised); both run the same 268-token
+sequence (the issue's 316 tokens were the official data pipeline's own sample); the learning rates
+differ (ours: the experiment's schedule, lr 0 on the first step, then cosine; official: constant 2e-3;
+the work per step is the same). Compared: the first step's total loss (checkpoint weights, before any
+update), |ours - official| / |official| (the "max rel err" column of the train row); the driver also
+prints both sides' loss terms and trainable parameter counts.
 """
 from __future__ import annotations
 
