@@ -29,8 +29,26 @@ Models (`model_config`):
         (12.99 M, both experts); DINOv2-reg width 192, 6 layers, 3 heads, MLP 768, position grid 37
         (3.05 M); Pi3 decoders 2 blocks each at width 384 with 6 heads, point/camera dims 128 (12.34 M);
         the tiny ViT (0.12 M, unused by reconstruction).
-The train row (`train-tiny-4v-126`) is ours only: one fp32 train step (forward + backward + AdamW) of the
-tiny model on one pack of 4 views at 126x98; the official training forward is not driven by this tool.
+The train row (`train-tiny-4v-126`): one fp32 train step of the tiny model on one reconstruction sample of
+4 views at 126x98, the same batch on both sides (`write_train_batch`, saved once by the driver): our
+stage-1 layout of `bench_common.recon_batch` (8 prompt tokens, then per view [start, h*w patches, end]),
+images = the prepared frames 0-3 read at width 126 (`load_images`), GT from the fixture's condition.npz
+(depth resized nearest, intrinsics scaled, world points unprojected with the c2w poses; valid = depth > 0;
+normal loss on). Both sides start from the checkpoint's weights and train the stage-1 groups (geometry
+expert, dino2llm, Pi3 heads; core/optim.py) with AdamW lr 2e-3, betas (0.9, 0.95), eps 1e-15, no weight
+decay, gradient clip 1.0 (experiments/tiny_synthetic.py:test). Ours: `training.step.make_train_step`
+(forward + loss + backward + AdamW) with `loss.subtract_floors=false` (the official clamp floors stay in,
+so both sides compute the same loss). Official: `G2VLM.forward` on that sequence in the official packed
+training layout (config.pretrain_train_recon on, visual_und off: no ViT in a reconstruction sample) with
+the float32 `Pi3Loss` (`official_reference.float32_loss`), `loss.backward()`, `clip_grad_norm_`,
+`torch.optim.AdamW.step()`; its flex attention runs on official_reference's dense CPU stand-in. What
+differs: the official positions of the DINO tokens are ours (the same packed_position_ids tensor is given
+to both, so the official get_rope_index_image_3D_dino is not exercised); both run the same 268-token
+sequence (the issue's 316 tokens were the official data pipeline's own sample); the learning rates
+differ (ours: the experiment's schedule, lr 0 on the first step, then cosine; official: constant 2e-3;
+the work per step is the same). Compared: the first step's total loss (checkpoint weights, before any
+update), |ours - official| / |official| (the "max rel err" column of the train row); the driver also
+prints both sides' loss terms and trainable parameter counts.
 """
 from __future__ import annotations
 
@@ -49,6 +67,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE_RGB = pathlib.Path("/work/shared/fixtures/pi3_room/rgb")
 FRAME = (518, 392)  # width, height of the prepared input images (4:3: the issue's 518x392 frames)
 RESULT = "RESULT "  # prefix of a worker's JSON line on stdout
+TRAIN_VIEW_INFO = "scannet/pi3_room"  # the official Pi3Loss turns the normal loss on for scannet views
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the official DINO input norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +77,7 @@ class Case:
     model: str  # key of MODELS
     views: int
     width: int  # the loader's width (height follows the 4:3 frames)
-    train: bool = False  # a train step (ours only) instead of reconstruction
+    train: bool = False  # a train step (forward + loss + backward + AdamW) instead of reconstruction
 
 
 CASES = [Case("tiny-2v-126", "tiny", 2, 126), Case("tiny-8v-126", "tiny", 8, 126),
@@ -141,21 +161,29 @@ def worker_ours_recon(args, case: Case) -> dict:
 def worker_ours_train(args, case: Case) -> dict:
     import jax
 
+    import numpy as np
+
     from g2vlm_jax import config as C
+    from g2vlm_jax import export
     from g2vlm_jax import sharding as sharding_lib
+    from g2vlm_jax.batch import PackedBatch
+    from g2vlm_jax.checkpoint import params as params_lib
     from g2vlm_jax.core import state as state_lib
     from g2vlm_jax.training import step as step_lib
-    from tools.bench_common import recon_batch
 
-    hw = (frame_height(case.width), case.width)
+    params_dir = export.import_official(args.ckpt, f"{args.out}.params", dtype="float32")
     cfg = C.load_experiment(str(ROOT / "experiments/tiny_synthetic.py:test"),
-                            [f"workdir={args.out}.run", "data.packs_per_step=1"])
+                            [f"workdir={args.out}.run", "data.packs_per_step=1", "loss.subtract_floors=false",
+                             f"checkpoint.init_from={params_dir}"])
     cfg = dataclasses.replace(cfg, model=model_config(case.model))
     mesh = sharding_lib.make_mesh(cfg.mesh)
     spec, state, shardings = state_lib.create_train_state(cfg, mesh)
+    state = params_lib.initialise_from(state, cfg)  # the checkpoint's weights, as the official side
     batch_sharding = sharding_lib.batch_sharding(mesh)
     step_fn = step_lib.make_train_step(spec, cfg, shardings, batch_sharding)
-    batch = jax.device_put(recon_batch(case.views, hw=hw), batch_sharding)
+    stored = np.load(args.train_batch)
+    batch = jax.device_put(PackedBatch(**{f.name: stored[f.name] for f in dataclasses.fields(PackedBatch)}),
+                           batch_sharding)
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -165,8 +193,13 @@ def worker_ours_train(args, case: Case) -> dict:
         holder["state"], metrics = compiled(holder["state"], batch, step_fn.schedule)
         return jax.device_get(metrics)
 
+    first_metrics = step()  # the loss of the checkpoint's weights (before any update)
+    first_loss = float(first_metrics["loss"])
+    terms = {k[len("vg/"):]: float(v) for k, v in first_metrics.items() if k.startswith("vg/") and v.ndim == 0}
     first, times, _ = _timed(step, args.repeats)
-    return dict(first_s=first, times=times, compile_s=compile_s, tokens=int(batch.token_ids.shape[1]))
+    trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(holder["state"].trainable))
+    return dict(first_s=first, times=times, compile_s=compile_s, tokens=int(batch.token_ids.shape[1]),
+                first_loss=first_loss, loss_terms=terms, trainable=trainable)
 
 
 def worker_official_recon(args, case: Case) -> dict:
@@ -190,13 +223,95 @@ def worker_official_recon(args, case: Case) -> dict:
     return dict(first_s=first, times=times)
 
 
+def official_train_inputs(stored, images) -> dict:
+    """The keyword arguments of the official `G2VLM.forward` for our stored batch (pack 0: one sample of V views)
+    in the official packed training layout (data/dataset_base.py): tokens in sequence order, one causal
+    prompt split and one full split per view, GT per view. `images`: the file names (packed_image_paths)."""
+    import numpy as np
+    import torch
+
+    order = stored["official_order"]  # slots of the sample's tokens in sequence order (padding dropped)
+    is_text, is_dino = stored["official_is_text"], stored["official_is_dino"]
+    # The official datasets put all frames of a sample into ONE full split (split_start on the first frame,
+    # split_end on the last: data/interleave_datasets/*): our per-frame splits of the geometry frames merge
+    # into one (the same attention as our `geo_attention=global`), the prompt stays one causal split.
+    splits = stored["split_ids"][0][order]
+    geo_splits = np.unique(splits[is_dino])
+    splits = np.where(np.isin(splits, geo_splits), -1, splits)
+    starts = np.flatnonzero(np.r_[True, splits[1:] != splits[:-1]])
+    split_lens = np.diff(np.r_[starts, len(order)]).tolist()
+    attn_modes = ["full" if splits[s] == -1 else "causal" for s in starts]
+    geo = stored["geo_images"][0, 0]  # [V, H, W, 3] in [0, 1]
+    views, height, width = geo.shape[:3]
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    pixels = torch.from_numpy(((geo - mean) / std).transpose(0, 3, 1, 2).copy())
+    t = lambda name: torch.from_numpy(np.ascontiguousarray(stored[name][0, 0]))
+    return dict(
+        sequence_length=len(order), sample_lens=[len(order)], split_lens=split_lens, attn_modes=attn_modes,
+        packed_text_ids=torch.from_numpy(stored["token_ids"][0][order][is_text].astype(np.int64)),
+        packed_text_indexes=torch.from_numpy(np.flatnonzero(is_text)),
+        packed_position_ids=torch.from_numpy(stored["positions"][0][:, order].astype(np.int64)),
+        packed_dino_token_indexes=torch.from_numpy(np.flatnonzero(is_dino)),
+        dino_token_seqlens=torch.full((views,), (height // 14) * (width // 14), dtype=torch.int32),
+        packed_dino_image_tensor_list=pixels, img_per_seq_lens=[views],
+        packed_depths=torch.from_numpy(stored["official_depths"]), packed_extrinsics=t("gt_poses"),
+        packed_intrinsics=t("gt_intrinsics"), packed_world_points=t("gt_world_points"),
+        packed_point_masks=t("gt_valid"), packed_view_infos=[f"{TRAIN_VIEW_INFO}/{i}" for i in range(views)],
+        packed_image_paths=list(images))
+
+
+def official_trains(name: str) -> bool:
+    """Our stage-1 groups (g2vlm_jax/core/optim.py) in the official parameter names: the geometry expert of the
+    MoT layers (*_moe_geo, ls1/ls2), dino2llm and the Pi3 decoders/heads; the encoders never."""
+    parts = name.split(".")
+    if parts[0] in ("vit_model", "dino_model"):
+        return False
+    heads = ("point_decoder", "camera_decoder", "global_points_decoder", "point_head", "global_point_head",
+             "camera_head", "dino2llm")
+    return parts[0] in heads or any(p.endswith("_moe_geo") or p in ("ls1", "ls2") for p in parts)
+
+
+def worker_official_train(args, case: Case) -> dict:
+    import numpy as np
+    import torch
+
+    from tools.official_reference import build_official_model, float32_loss
+
+    if args.official_threads:
+        torch.set_num_threads(args.official_threads)
+    built = build_official_model(args.official_src, args.ckpt, dino_width=case.width)
+    float32_loss(built)
+    model = built.model.train()
+    model.config.pretrain_train_recon = True  # the forward builds the Pi3 GT batch and returns Pi3Loss
+    model.config.visual_und = False  # a reconstruction sample has no ViT image
+    trainable = [p for name, p in model.named_parameters() if official_trains(name)]
+    for name, p in model.named_parameters():
+        p.requires_grad_(official_trains(name))
+    optimizer = torch.optim.AdamW(trainable, lr=2e-3, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
+    stored = np.load(args.train_batch)
+    inputs = official_train_inputs(stored, image_files(pathlib.Path(args.images), case.views))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        losses, _ = model(**inputs)
+        losses["dl"].backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        return {k: float(v) for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1}
+
+    first_losses = step()  # the checkpoint's weights (before any update)
+    first, times, _ = _timed(step, args.repeats)
+    return dict(first_s=first, times=times, first_loss=first_losses.pop("dl"), loss_terms=first_losses,
+                trainable=sum(p.numel() for p in trainable))
+
+
 def worker_main(args) -> None:
     sys.path.insert(0, str(ROOT))
     case = next(c for c in CASES if c.name == args.case)
     if args.side == "ours":
         result = (worker_ours_train if case.train else worker_ours_recon)(args, case)
     else:
-        result = worker_official_recon(args, case)
+        result = (worker_official_train if case.train else worker_official_recon)(args, case)
     result["peak_rss_mib"] = peak_rss_mib()
     print(RESULT + json.dumps(result), flush=True)
 
@@ -213,11 +328,50 @@ def prepare_images(folder: pathlib.Path) -> None:
         Image.open(f).convert("RGB").resize(FRAME, Image.LANCZOS).save(folder / f"{i}.png")
 
 
+def write_train_batch(case: Case, images: pathlib.Path, path: pathlib.Path) -> None:
+    """The train row's batch (module docstring) as an .npz of PackedBatch fields plus official_order /
+    official_is_text / official_is_dino (the sample's tokens in sequence order) and official_depths [V, H, W]."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from g2vlm_jax.batch import PAD_ORDER, TOKEN_DINO, TOKEN_TEXT
+    from g2vlm_jax.inference.reconstruct import load_images
+    from tools.bench_common import recon_batch
+    from tools.official_reference import FIXTURES, _resize_nearest
+
+    height, width = frame_height(case.width), case.width
+    frames = load_images([pathlib.Path(f) for f in image_files(images, case.views)], width)
+    cond = np.load(FIXTURES / "condition.npz", allow_pickle=False)
+    views = [i % len(cond["depths"]) for i in range(case.views)]  # image_files cycles the same way
+    depths = np.stack([_resize_nearest(cond["depths"][v], height, width) for v in views]).astype(np.float32)
+    scale = np.diag([width / cond["depths"].shape[2], height / cond["depths"].shape[1], 1.0])
+    shift = np.array([[0, 0, 0.5 * (scale[0, 0] - 1)], [0, 0, 0.5 * (scale[1, 1] - 1)], [0, 0, 0]])
+    intrinsics = np.stack([scale @ cond["intrinsics"][v] + shift for v in views])  # pixel centres kept
+    poses = cond["poses"][views].astype(np.float64)
+    u, v = np.meshgrid(np.arange(width) + 0.0, np.arange(height) + 0.0)
+    rays = np.stack([(u[None] - intrinsics[:, 0, 2, None, None]) / intrinsics[:, 0, 0, None, None],
+                     (v[None] - intrinsics[:, 1, 2, None, None]) / intrinsics[:, 1, 1, None, None],
+                     np.ones((len(views), height, width))], -1)
+    cam = rays * depths[..., None]
+    world = np.einsum("vij,vhwj->vhwi", poses[:, :3, :3], cam) + poses[:, None, None, :3, 3]
+    batch = recon_batch(case.views, hw=(height, width)).replace(
+        geo_images=(frames.astype(np.float32) / 255)[None, None], gt_world_points=world[None, None].astype(np.float32),
+        gt_valid=(depths > 0)[None, None], gt_poses=poses[None, None].astype(np.float32),
+        gt_intrinsics=intrinsics[None, None].astype(np.float32))
+    arrays = {f.name: np.asarray(getattr(batch, f.name)) for f in dataclasses.fields(batch)}
+    order = np.argsort(arrays["seq_order"][0], kind="stable")
+    order = order[arrays["seq_order"][0][order] != PAD_ORDER]
+    np.savez(path, **arrays, official_order=order, official_depths=depths,
+             official_is_text=arrays["token_type"][0][order] == TOKEN_TEXT,
+             official_is_dino=arrays["token_type"][0][order] == TOKEN_DINO)
+
+
 def run_worker(python: str, side: str, case: Case, args, ckpt: pathlib.Path, images: pathlib.Path,
                out: pathlib.Path) -> dict:
     """One measurement in a fresh process; returns its RESULT record (raises with its output on failure)."""
     cmd = [python, str(pathlib.Path(__file__).resolve()), "worker", "--side", side, "--case", case.name,
-           "--ckpt", str(ckpt), "--images", str(images), "--out", str(out), "--repeats", str(args.repeats)]
+           "--ckpt", str(ckpt), "--images", str(images), "--out", str(out), "--repeats", str(args.repeats),
+           "--train-batch", str(out.parent / f"{case.name}.batch.npz")]
     if side == "official":
         cmd += ["--official-src", args.official_src, "--official-threads", str(args.official_threads)]
     # A persistent compilation cache of this run only, as `g2vlm` enables one: round 0 compiles (cold),
@@ -257,7 +411,9 @@ def memory_available_gib() -> float:
 
 def measure_case(case: Case, args, ckpt: pathlib.Path, images: pathlib.Path, tmp: pathlib.Path) -> dict:
     """`args.rounds` rounds, the sides alternating in order; the case's row values."""
-    sides = ["ours"] + (["official"] if args.official_python and not case.train else [])
+    sides = ["ours"] + (["official"] if args.official_python else [])
+    if case.train:
+        write_train_batch(case, images, tmp / f"{case.name}.batch.npz")
     need, free = official_attention_gib(case), memory_available_gib()
     if "official" in sides and need > args.official_memory_fraction * free:
         print(f"  {case.name}: official side skipped: its dense CPU attention needs ~{need:.1f} GiB per call, "
@@ -279,7 +435,14 @@ def measure_case(case: Case, args, ckpt: pathlib.Path, images: pathlib.Path, tmp
                      "rss_cold_mib": records[0]["peak_rss_mib"]}
     cold = runs["ours"][0]
     row["compile_s"] = cold["compile_s"] if case.train else cold["first_s"] - row["ours"]["median_s"]
-    if "official" in runs:
+    if "official" in runs and case.train:  # the first step's loss (the checkpoint's weights, no update yet)
+        ours_loss, official_loss = runs["ours"][0]["first_loss"], runs["official"][0]["first_loss"]
+        row["max_rel_err"] = abs(ours_loss - official_loss) / abs(official_loss)
+        print(f"  {case.name}: first-step loss ours {ours_loss:.6f}, official {official_loss:.6f}, relative "
+              f"difference {row['max_rel_err']:.1e}; trainable parameters ours {runs['ours'][0]['trainable']:,}, "
+              f"official {runs['official'][0]['trainable']:,}; terms ours {runs['ours'][0]['loss_terms']}, "
+              f"official {runs['official'][0]['loss_terms']}", file=sys.stderr, flush=True)
+    elif "official" in runs:
         row["max_rel_err"] = max_relative_error(tmp / f"{case.name}.ours.npz", tmp / f"{case.name}.official.npz")
     return row
 
@@ -351,6 +514,7 @@ def main(argv=None) -> None:
     w.add_argument("--repeats", type=int, default=2)
     w.add_argument("--official-src", default="")
     w.add_argument("--official-threads", type=int, default=0)
+    w.add_argument("--train-batch", default="", help="the train row's batch (.npz written by the driver)")
     args = parser.parse_args(argv)
     (worker_main if args.cmd == "worker" else driver_main)(args)
 

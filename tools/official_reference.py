@@ -35,6 +35,17 @@ CPU patches applied by `run` (nothing else of the official code is changed):
     patch 14, temporal 2, merge 2, CLIP mean/std, bicubic).
   * `prepare_dino_images_pi3` hard-codes `load_and_resize14(images, 518)`; the width is replaced by
     --dino-width (the dino_transform argument of recon/chat is ignored by the official code).
+  * flex attention (the training forward only; recon/chat use flash-attn): `create_block_mask` in
+    modeling/g2vlm/g2vlm.py -> `dense_block_mask` (the mask_mod evaluated on the whole [Q, KV] grid, a bool
+    matrix) and the `torch.compile`d `flex_attention` of modeling/g2vlm/qwen2vl.py -> `dense_flex_attention`
+    (scaled_dot_product_attention with that matrix, GQA, scale head_dim^-0.5: what flex_attention computes;
+    every row of the packed training masks attends at least to itself, so no row is empty).
+  * `Qwen2VLModel.forward_train` tests `idx_l in intermediate_layers` whenever output_hidden_states is on, and
+    `G2VLM.forward` (training) turns it on without passing intermediate_layers, so the shipped training
+    forward stops with "TypeError: argument of type 'NoneType' is not iterable" on any device; the wrapper
+    passes an empty list when none is given (the collected hidden states are never read by G2VLM.forward).
+    The same forward then returns `EasyDict(mse=mse, ...)` with `mse` never assigned (NameError): the module
+    gets a global `mse = None` (no MSE term in a reconstruction step; the Pi3 loss is the `dl` entry).
   * DINO segments: the official code gives the DINO flash attention cu_seqlens counting h*w tokens per
     image while each image has 1 + registers + h*w tokens (segments straddle images; the last 5V rows
     stay uninitialised). Default `--dino-segments per_image` attends within each image (SPEC 1.3, what
@@ -268,6 +279,24 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     return out
 
 
+def dense_block_mask(mask_mod, B=None, H=None, Q_LEN=0, KV_LEN=0, device="cpu", **unused):
+    """torch's create_block_mask stand-in: the mask_mod evaluated on every (q, kv) pair -> bool [Q_LEN, KV_LEN]
+    (the official mask_mods are elementwise tensor expressions, so broadcast index grids evaluate them)."""
+    import torch
+
+    zero = torch.zeros((), dtype=torch.long)
+    q_idx, kv_idx = torch.arange(Q_LEN)[:, None], torch.arange(KV_LEN)[None, :]
+    return mask_mod(zero, zero, q_idx, kv_idx).expand(Q_LEN, KV_LEN).to(device)
+
+
+def dense_flex_attention(query, key, value, block_mask=None, enable_gqa=False, scale=None, **unused):
+    """flex_attention stand-in on a `dense_block_mask` matrix: q [1, Hq, L, D], k/v [1, Hk, L, D] -> [1, Hq, L, D]."""
+    import torch
+
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=block_mask,
+                                                            enable_gqa=enable_gqa, scale=scale)
+
+
 class _Anything:
     """A name inside an import-only module (below): the official code imports it at module level but the
     reference path never calls it; any attribute is another such name, calling one is an error."""
@@ -353,6 +382,16 @@ def _f32_torch():
     return TorchF32("torch")
 
 
+def float32_loss(built):
+    """The official `pi3.models.pi3_loss` module with its GT-scale bfloat16 cast made float32 (the `_fp32gt`
+    variant of the loss_ keys; our float32 training computes that scale in float32). Call after
+    build_official_model (its sys.path). Returns the module."""
+    import pi3.models.pi3_loss as loss_mod
+
+    loss_mod.torch = built.f32
+    return loss_mod
+
+
 def build_official_model(official_src, ckpt, *, dino_width: int, dino_segments: str = "per_image"):
     """The official G2VLM built from `ckpt` exactly as g2vlm_utils.load_model_and_tokenizer builds it, with the
     CPU patches of the module docstring applied (official venv). Returns a namespace: model (float32, eval),
@@ -397,6 +436,12 @@ def build_official_model(official_src, ckpt, *, dino_width: int, dino_segments: 
         return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal)
 
     dino_mod.flash_attn_varlen_func = dino_varlen
+    g2_mod.create_block_mask = dense_block_mask  # the training forward's flex attention (module docstring)
+    qwen_mod.flex_attention = dense_flex_attention
+    forward_train = qwen_mod.Qwen2VLModel.forward_train
+    qwen_mod.Qwen2VLModel.forward_train = lambda self, *a, intermediate_layers=None, **k: forward_train(
+        self, *a, intermediate_layers=[] if intermediate_layers is None else intermediate_layers, **k)
+    g2_mod.mse = None  # G2VLM.forward's return reads an unassigned `mse` (module docstring)
 
     # ---- heads sized from text_config.json["g2vlm_heads"] ----
     text_json = json.loads((ckpt / "text_config.json").read_text())
