@@ -181,7 +181,7 @@ def worker_ours_train(args, case: Case) -> dict:
     state = params_lib.initialise_from(state, cfg)  # the checkpoint's weights, as the official side
     batch_sharding = sharding_lib.batch_sharding(mesh)
     step_fn = step_lib.make_train_step(spec, cfg, shardings, batch_sharding)
-    stored = np.load(args.train_batch)
+    stored = np.load(args.train_batch, allow_pickle=False)
     batch = jax.device_put(PackedBatch(**{f.name: stored[f.name] for f in dataclasses.fields(PackedBatch)}),
                            batch_sharding)
     start = time.perf_counter()
@@ -288,7 +288,7 @@ def worker_official_train(args, case: Case) -> dict:
     for name, p in model.named_parameters():
         p.requires_grad_(official_trains(name))
     optimizer = torch.optim.AdamW(trainable, lr=2e-3, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
-    stored = np.load(args.train_batch)
+    stored = np.load(args.train_batch, allow_pickle=False)
     inputs = official_train_inputs(stored, image_files(pathlib.Path(args.images), case.views))
 
     def step():
