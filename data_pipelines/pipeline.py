@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import pathlib
 
 import grain
@@ -120,6 +121,12 @@ def eval_bucket(data: DataConfig) -> Bucket:
     return Bucket(max(b for b in data.view_buckets if b <= data.max_views), *data.image_size)
 
 
+@functools.lru_cache(maxsize=8)
+def _marker_font(size: int) -> ImageFont.FreeTypeFont:
+    """The label font of `draw_markers`, loaded once per size (it is drawn for every marked QA sample)."""
+    return ImageFont.load_default(size=size)
+
+
 def draw_markers(image: np.ndarray, markers, view: int) -> np.ndarray:
     """The question's point markers of `view` drawn on an image [H, W, 3] uint8: a red ring of radius H/14
     (4 px at the 56-px training size: it must cover a good part of a 14-px patch to be seen) and its label."""
@@ -129,7 +136,7 @@ def draw_markers(image: np.ndarray, markers, view: int) -> np.ndarray:
     pil = Image.fromarray(image)
     draw = ImageDraw.Draw(pil)
     r = max(2, round(image.shape[0] / 14))
-    font = ImageFont.load_default(size=max(8, 2 * r))
+    font = _marker_font(max(8, 2 * r))
     for _, u, v, label in mine:
         draw.ellipse([u - r, v - r, u + r, v + r], outline=(255, 0, 0), width=max(1, r // 2))
         draw.text((u + r, v - 3 * r), str(label), fill=(255, 0, 0), font=font)
