@@ -268,3 +268,28 @@ def test_local_l1_gradient_does_not_depend_on_rounding_at_the_median_coordinate(
         grads.append(np.asarray(grad(dict(pred, local_points=x))["local_points"]))
     spread = max(np.abs(g - grads[4]).max() for g in grads) / np.abs(grads[4]).max()
     assert spread < 1e-3, spread  # without the fix: ~2 (the median coordinate's gradient flips sign)
+
+
+def test_normal_loss_gradient_matches_finite_differences():
+    """The normal loss's hand-written corner-slice gradient (`losses._quad_corners`) against central finite
+    differences in float64, on a smooth surface with an invalid pixel and a depth step (edge masking)."""
+    rng = np.random.default_rng(3)
+    v, h, w = 2, 5, 6
+    u, vv = np.meshgrid(np.linspace(-1, 1, w), np.linspace(-1, 1, h))
+    z = 3.0 + 0.05 * np.sin(2 * u) * np.cos(vv)
+    z[:, 4:] += 0.5  # a depth step: the triangles across it are masked out
+    gt = np.stack([u * z, vv * z, z], -1)[None].repeat(v, 0)
+    valid = np.ones((v, h, w), bool)
+    valid[1, 2, 3] = False
+    pred = gt * (1 + 0.05 * rng.normal(size=gt.shape))
+    with jax.enable_x64(True):
+        loss = lambda p: L.normal_loss(p, jnp.asarray(gt), jnp.asarray(valid), subtract_floor=False)
+        grad = np.asarray(jax.grad(loss)(jnp.asarray(pred)))
+        eps = 1e-6
+        fd = np.zeros_like(pred)
+        for idx in np.ndindex(pred.shape):
+            step = np.zeros_like(pred)
+            step[idx] = eps
+            fd[idx] = (float(loss(jnp.asarray(pred + step))) - float(loss(jnp.asarray(pred - step)))) / (2 * eps)
+    assert np.abs(grad).max() > 1e-4  # the loss is not flat here
+    np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-9)
