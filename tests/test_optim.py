@@ -43,6 +43,12 @@ def test_stage_groups_respect_frozen_encoders():
     assert "vit" not in optim.trainable_groups(cfg) and "dino" not in optim.trainable_groups(cfg)
     unfrozen = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, freeze_vit=False, freeze_dino=False))
     assert {"vit", "dino"} <= set(optim.trainable_groups(unfrozen))
+    # An unfrozen encoder trains in every stage (stage 2 alone never lists it).
+    stage2 = _cfg(stage="stage2")
+    vit_on = dataclasses.replace(stage2, model=dataclasses.replace(stage2.model, freeze_vit=False))
+    assert optim.trainable_groups(vit_on) == ("semantic", "embed", "lm_head", "vit")
+    no_vit = dataclasses.replace(vit_on, model=dataclasses.replace(vit_on.model, use_vit=False))
+    assert "vit" not in optim.trainable_groups(no_vit)
 
 
 def test_schedule_warmup_then_cosine_to_floor():

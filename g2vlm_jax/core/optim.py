@@ -60,13 +60,12 @@ def param_group(path: tuple) -> str:
 
 
 def trainable_groups(cfg: config_lib.ExperimentConfig) -> tuple[str, ...]:
-    """Groups the optimiser updates: the stage's groups minus encoders the model config freezes."""
-    groups = STAGE_GROUPS[cfg.optim.stage]
-    if cfg.model.freeze_vit or not cfg.model.use_vit:
-        groups = tuple(g for g in groups if g != "vit")
-    if cfg.model.freeze_dino:
-        groups = tuple(g for g in groups if g != "dino")
-    return groups
+    """Groups the optimiser updates: the stage's groups, with each encoder trained exactly when the model
+    config unfreezes it (`model.freeze_vit` / `freeze_dino`), whatever the stage. (An unfrozen encoder that
+    the stage left out used to get gradients that were never applied.)"""
+    encoders = {"vit": not cfg.model.freeze_vit and cfg.model.use_vit, "dino": not cfg.model.freeze_dino}
+    groups = [g for g in STAGE_GROUPS[cfg.optim.stage] if g not in encoders]
+    return tuple(groups + [g for g, trains in encoders.items() if trains])
 
 
 def is_trainable(cfg: config_lib.ExperimentConfig):
