@@ -106,13 +106,15 @@ def test_vit_output_is_row_major_merged_grid():
 def test_vit_attention_stays_within_an_image(vit_model):
     model, g = vit_model
     images = np.array(g["images"])
-    a = _run(model, jnp.asarray(images))
+    # np.asarray waits for the result: jnp.asarray may alias the numpy buffer on CPU, and with async dispatch
+    # the edit below could reach a computation that has not read its input yet (seen under load in CI).
+    a = np.asarray(_run(model, jnp.asarray(images)))
     images[1] = 1.0 - images[1]
-    b = _run(model, jnp.asarray(images))
+    b = np.asarray(_run(model, jnp.asarray(images)))
     # Not bitwise: XLA's CPU matmuls may block a batch differently between two calls on a loaded machine
     # (seen once in a full-file run); leaking attention would move image 0 by as much as image 1 moves.
-    np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=0, atol=1e-6)
-    assert np.abs(np.asarray(a[1] - b[1])).max() > 1e-4
+    np.testing.assert_allclose(a[0], b[0], rtol=0, atol=1e-6)
+    assert np.abs(a[1] - b[1]).max() > 1e-4
 
 
 def test_vit_rejects_bad_image_sizes(vit_model):
@@ -174,13 +176,13 @@ def test_dino_position_interpolation_is_identity_at_native_grid():
 def test_dino_attention_stays_within_an_image(dino_model):
     model, g = dino_model
     images = np.array(g["images_interp"])
-    a = _run(model, jnp.asarray(images))
+    a = np.asarray(_run(model, jnp.asarray(images)))  # waits before the edit (see the ViT test above)
     images[1] = np.random.default_rng(5).uniform(size=images[1].shape)
-    b = _run(model, jnp.asarray(images))
+    b = np.asarray(_run(model, jnp.asarray(images)))
     # Not bitwise: XLA's CPU matmuls may block a batch differently between two calls on a loaded machine
     # (seen once in a full-file run); leaking attention would move image 0 by as much as image 1 moves.
-    np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), rtol=0, atol=1e-6)
-    assert np.abs(np.asarray(a[1] - b[1])).max() > 1e-4
+    np.testing.assert_allclose(a[0], b[0], rtol=0, atol=1e-6)
+    assert np.abs(a[1] - b[1]).max() > 1e-4
 
 
 def test_dino_rejects_bad_image_sizes(dino_model):
