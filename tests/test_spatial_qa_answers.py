@@ -37,7 +37,41 @@ def test_qa_experiment_answers_every_question_in_its_type(tmp_path):
             assert vqa.extract_number(a["prediction"]) is not None, a
         else:
             assert vqa.extract_choice(a["prediction"], 4) is not None, a
+    # The README's QA run starts from no stage-1 run: its geometry tokens are blank, and it says so once.
+    assert proc.stderr.count("the geometry tokens carry no image") == 1, proc.stderr[-2000:]
     # A family answered with one constant answer is named in a warning (the score is then the text prior's).
     for task, values in report["per_task"].items():
         named = f"{task}: '" in proc.stderr
         assert named == (values["distinct_predictions"] == 1), (task, values, proc.stderr[-2000:])
+
+
+def test_blank_geometry_tokens_are_named_once(caplog):
+    """A stage-2 QA run whose dino2llm is still all zero (no stage-1 start) is told that its geometry tokens
+    carry no image; with a trained dino2llm, or in a stage that trains it, nothing is said."""
+    from flax import nnx
+
+    from g2vlm_jax import config as config_lib
+    from g2vlm_jax import sharding as sharding_lib
+    from g2vlm_jax.core import optim
+    from g2vlm_jax.core import state as state_lib
+    from g2vlm_jax.training import loop
+
+    cfg = config_lib.load_experiment(str(ROOT / "experiments/tiny_synthetic.py:qa_test"), [])
+    spec, state, _ = state_lib.create_train_state(cfg, sharding_lib.make_mesh(cfg.mesh))
+    message = "the geometry tokens carry no image"
+    with caplog.at_level("WARNING"):
+        loop._warn_if_geometry_tokens_are_blank(spec, state, cfg)
+    assert caplog.text.count(message) == 1 and "optim.stage='stage2'" in caplog.text
+    caplog.clear()
+    model = spec.model(state)
+    model.dino2llm.kernel[...] = model.dino2llm.kernel[...] + 0.01  # as after stage 1
+    _, trainable, frozen = nnx.split(model, nnx.All(nnx.Param, optim.is_trainable(cfg)), ...)
+    trained = state.replace(trainable=trainable, frozen=frozen)
+    with caplog.at_level("WARNING"):
+        loop._warn_if_geometry_tokens_are_blank(spec, trained, cfg)
+    assert message not in caplog.text
+    trains_it = config_lib.load_experiment(str(ROOT / "experiments/tiny_synthetic.py:qa_test"),
+                                           ["optim.stage=stage2_sr"])  # a zero dino2llm that this stage trains
+    with caplog.at_level("WARNING"):
+        loop._warn_if_geometry_tokens_are_blank(spec, state, trains_it)
+    assert message not in caplog.text

@@ -15,6 +15,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from tqdm import tqdm
@@ -26,6 +27,7 @@ from g2vlm_jax import flops as flops_lib
 from g2vlm_jax import meeting
 from g2vlm_jax import sharding as sharding_lib
 from g2vlm_jax.core import data as data_lib
+from g2vlm_jax.core import optim as optim_lib
 from g2vlm_jax.core import state as state_lib
 from g2vlm_jax.training import step as step_lib
 from g2vlm_jax.training import logger as logger_lib
@@ -98,6 +100,20 @@ class PreemptionWatcher:
         self._previous = {}
 
 
+def _warn_if_geometry_tokens_are_blank(spec: state_lib.StateSpec, state, cfg: config_lib.ExperimentConfig) -> None:
+    """One warning when the geometry tokens of a QA run carry no image: `dino2llm` is zero-initialised
+    (SPEC 1.3), so a stage that does not train it (stage 2) and starts from no run that did feeds every
+    geometry token to the LLM as 0, and the semantic expert answers without geometry context."""
+    if "dino2llm" in optim_lib.trainable_groups(cfg) or not any(s.kind == "recon_qa" for s in cfg.data.sources):
+        return
+    kernel = spec.model(state).dino2llm.kernel[...]
+    if float(jax.jit(lambda k: jnp.max(jnp.abs(k)))(kernel)) == 0.0:
+        logging.warning("the geometry tokens carry no image: dino2llm is all zero (its initial value) and "
+                        "optim.stage=%r does not train it, so the semantic expert gets no geometry context; start "
+                        "from a stage-1 run with --set checkpoint.init_from=STAGE1_EXPORT[,VIT_SOURCE]",
+                        cfg.optim.stage)
+
+
 def train(cfg: config_lib.ExperimentConfig, *, evaluate: EvaluateHook | None = None,
           stop_after_steps: int | None = None, run_final_eval: bool = True,
           allow_config_change: bool = False) -> TrainResult:
@@ -134,6 +150,7 @@ def train(cfg: config_lib.ExperimentConfig, *, evaluate: EvaluateHook | None = N
         start_step = 0
         if cfg.checkpoint.init_from:
             state = ckpt_lib.initialise_from(state, cfg)
+    _warn_if_geometry_tokens_are_blank(spec, state, cfg)
     step_fn = step_lib.make_train_step(spec, cfg, shardings, batch_sharding)
 
     # ---- Steps ---------------------------------------------------------------------------------
