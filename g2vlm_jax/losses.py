@@ -128,9 +128,13 @@ def _normalise_gt(world, valid, poses):
     return world, local, poses
 
 
-def _safe_norm(x, axis=-1):
-    sq = jnp.sum(x * x, axis=axis)
+def _safe_sqrt(sq):
+    """sqrt of a squared norm with a finite gradient at 0."""
     return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+
+
+def _safe_norm(x, axis=-1):
+    return _safe_sqrt(jnp.sum(x * x, axis=axis))
 
 
 # The normal loss works on 3-vectors stored as (x, y, z) tuples of [V,H,W] arrays, with the same values as
@@ -142,6 +146,10 @@ def _cross3(a, b):
     return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
 
 
+def _dot3(a, b):
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+
+
 def _sub3(a, b):
     return (a[0] - b[0], a[1] - b[1], a[2] - b[2])
 
@@ -149,9 +157,7 @@ def _sub3(a, b):
 def _angle_between(a, b):
     """atan2(|a x b|, a·b) of component tuples, the official angle_diff_vec3 (eps inside keeps it finite)."""
     c = _cross3(a, b)
-    sq = c[0] * c[0] + c[1] * c[1] + c[2] * c[2]
-    norm = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
-    return jnp.arctan2(norm + 1e-12, a[0] * b[0] + a[1] * b[1] + a[2] * b[2])
+    return jnp.arctan2(_safe_sqrt(_dot3(c, c)) + 1e-12, _dot3(a, b))
 
 
 def _depth_edge(z, rtol: float = 0.03):
