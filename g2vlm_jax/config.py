@@ -124,6 +124,10 @@ class DinoConfig:
     patch_size: int = 14  # patch conv kernel = stride
     num_registers: int = 4  # register tokens inserted after CLS (no position embedding)
     pos_grid: int = 37  # learned position-embedding grid side (518/14); interpolated bicubically
+    # Initial std of the position embeddings (the official init, 0.02; the converted release overwrites it).
+    # A tiny random DINO stands in for a pretrained one, whose features say where each patch is; at 0.02 the
+    # position is ~50x below the patch content and its tokens do not carry it (see tiny_model).
+    position_init_std: float = 0.02
     layerscale_init: float = 1.0  # LayerScale initial value
     ln_eps: float = 1e-6  # LayerNorm epsilon
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet mean
@@ -201,7 +205,10 @@ def tiny_model(**overrides: Any) -> ModelConfig:
         text=TextConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                         mlp_hidden=128, mrope_sections=(2, 3, 3)),
         vit=VitConfig(hidden_size=32, num_layers=2, num_heads=2, mlp_hidden=64),
-        dino=DinoConfig(hidden_size=32, num_layers=2, num_heads=2, mlp_hidden=64, pos_grid=4),
+        # position_init_std=1.0: with the official 0.02 the frozen random DINO's tokens do not say where they
+        # are (ridge probe of a trained stage-1 model's geometry tokens: patch row R^2 0.0, object depth 0.02);
+        # at 1.0 they do (row 0.87, depth 0.55), which is what the semantic expert reads in stage 2.
+        dino=DinoConfig(hidden_size=32, num_layers=2, num_heads=2, mlp_hidden=64, pos_grid=4, position_init_std=1.0),
         heads=HeadsConfig(decoder_layers=2, decoder_heads=4, point_dim=32, camera_dim=32),
         compute_dtype="float32",
         remat_policy="none",
@@ -572,6 +579,7 @@ def model_fingerprint(model: ModelConfig) -> str:
     """A stable string of the shape-defining model fields (checkpoint compatibility check)."""
     d = to_dict(model)
     shape_keys = ("text", "vit", "dino", "heads", "use_vit")
+    d["dino"].pop("position_init_std")  # initialisation only: checkpoints load whatever it was
     return json.dumps({k: d[k] for k in shape_keys}, sort_keys=True)
 
 

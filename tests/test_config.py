@@ -62,6 +62,10 @@ def test_dict_round_trip_and_fingerprint():
     tiny = config.tiny_model()
     assert config.model_fingerprint(tiny) != config.model_fingerprint(config.g2vlm_2b_model())
     assert config.model_fingerprint(tiny) == config.model_fingerprint(dataclasses.replace(tiny, freeze_und=True))
+    # An initialisation-only field does not make checkpoints written with another value (or before it existed)
+    # unloadable.
+    other_init = dataclasses.replace(tiny, dino=dataclasses.replace(tiny.dino, position_init_std=0.02))
+    assert config.model_fingerprint(tiny) == config.model_fingerprint(other_init)
     with pytest.raises(config.ConfigError, match="unknown keys"):
         config.from_dict(config.OptimConfig, {"learning_rate": 1.0, "bogus": 2})
 

@@ -21,7 +21,7 @@ def setup():
     tok = load_tokenizer("sentencepiece:builtin")
     rng = np.random.default_rng(0)
     prompts = [gen.Prompt(q, rng.random((2, 28, 42, 3), np.float32), rng.random((1, 56, 56, 3), np.float32))
-               for q in ("How far is the red box from the camera?", "Which is closer, A or B?")]
+               for q in ("How far is the red box from the camera?", "Which is closer, A or B? Answer with the letter.")]
     return model, tok, prompts
 
 

@@ -228,3 +228,29 @@ def test_encoders_run_in_bfloat16():
     out_v, out_d = _run(v, images), _run(d, images)
     assert out_v.dtype == jnp.bfloat16 and out_d.dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(out_v, np.float32))) and np.all(np.isfinite(np.asarray(out_d, np.float32)))
+
+
+def _row_probe_r2(position_init_std):
+    """Held-out R^2 of a ridge probe from the random DINO's patch tokens to their patch row (synthetic rooms)."""
+    import dataclasses
+
+    from data_pipelines.synthetic.render import RenderConfig, render_scene
+
+    images = np.stack([render_scene("train", i, RenderConfig(height=56, width=56, num_views=1)).scene.images[0]
+                       for i in range(12)])
+    cfg = dataclasses.replace(tiny_model().dino, position_init_std=position_init_std)
+    tokens = np.asarray(_run(dino.GeometryEncoder(cfg, rngs=nnx.Rngs(0)), jnp.asarray(images, jnp.float32) / 255))
+    rows = np.repeat(np.arange(4), 4)  # the 4x4 patch grid, row-major
+    fit, test = (np.c_[t.reshape(-1, t.shape[-1]), np.ones(t.shape[0] * t.shape[1])] for t in (tokens[:8], tokens[8:]))
+    w = np.linalg.solve(fit.T @ fit + np.eye(fit.shape[1]), fit.T @ np.tile(rows, 8))
+    y = np.tile(rows, 4)
+    return 1 - ((test @ w - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+
+
+def test_tiny_dino_tokens_say_where_they_are():
+    """The tiny config's random DINO stands in for a pretrained DINOv2, whose patch tokens say where they are;
+    the semantic expert reads that through the geometry tokens in stage 2 (a marked object's image row alone
+    predicts its depth with R^2 0.48 on the synthetic rooms). With the official initialisation (position std
+    0.02) a random DINO's tokens carry no position (negative held-out R^2); `tiny_model` initialises at 1.0."""
+    assert _row_probe_r2(tiny_model().dino.position_init_std) > 0.8
+    assert _row_probe_r2(0.02) < 0.2

@@ -17,6 +17,15 @@ def test_builtin_round_trip_and_specials():
     assert tok.encode("<|vision_start|>") == [sp.vision_start]
 
 
+def test_builtin_numbers_are_digit_tokens():
+    """Numbers are spelt one digit per token, as in Qwen2's vocabulary. A BPE trained on the synthetic answers
+    otherwise learns frequent answers as whole tokens ('2.84' one token, '3.15' three), and a numeric answer
+    becomes a choice among hundreds of unrelated classes instead of digits the model can learn one by one."""
+    tok = T.load_tokenizer("sentencepiece:builtin")
+    for number in ("2.84", "3.15", "1.07", "12", "0.5"):
+        assert [tok.decode([i]) for i in tok.encode(number)] == list(number), number
+
+
 def test_retraining_reproduces_the_builtin_model(tmp_path):
     out = train_tokenizer.train(tmp_path / "sp.model")
     assert out.read_bytes() == T.BUILTIN_SP_MODEL.read_bytes()

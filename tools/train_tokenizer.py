@@ -2,7 +2,9 @@
 
 The corpus is regenerated deterministically: the questions and answers of synthetic spatial-QA
 scenes (every task family), the reconstruction prompt and the chat-template strings. Training is
-single-threaded with fixed settings, so the same corpus gives the same model.
+single-threaded with fixed settings, so the same corpus gives the same model. Digits are split
+(`split_digits`): every number is one token per digit, as in Qwen2's vocabulary, so a numeric answer
+is learnt digit by digit rather than as one of many whole-number tokens.
 
     python tools/train_tokenizer.py [--out g2vlm_jax/assets/tiny_sp.model] [--vocab 512]
 """
@@ -46,7 +48,7 @@ def train(out: pathlib.Path, vocab_size: int = 512, num_scenes: int = 96) -> pat
         normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
         add_dummy_prefix=False,
         user_defined_symbols=list(tokenizer_lib.SPECIAL_TOKENS), pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
-        shuffle_input_sentence=False, minloglevel=2, hard_vocab_limit=False)
+        shuffle_input_sentence=False, minloglevel=2, hard_vocab_limit=False, split_digits=True)
     out.write_bytes(model.getvalue())
     return out
 

@@ -106,7 +106,8 @@ class Dinov2Embeddings(nnx.Module):
         self.dtype = dtype
         self.cls_token = el.normal_param(rngs, (1, 1, c), names, param_dtype)
         self.register_tokens = el.normal_param(rngs, (1, cfg.num_registers, c), names, param_dtype)
-        self.position_embeddings = el.normal_param(rngs, (1, cfg.pos_grid ** 2 + 1, c), names, param_dtype)
+        self.position_embeddings = el.normal_param(rngs, (1, cfg.pos_grid ** 2 + 1, c), names, param_dtype,
+                                                   std=cfg.position_init_std)
         # Unused in the forward (DINOv2 masked pre-training only); zeros as the official initialisation. No
         # key is drawn from `rngs`, so every other parameter initialises as before the token was kept.
         self.mask_token = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), (None, "enc_embed"))(

@@ -56,9 +56,9 @@ def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype, param_dtype,
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (name,)))
 
 
-def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple, param_dtype) -> nnx.Param:
-    """A learned tensor (tokens, position embeddings) initialised normal(std 0.02)."""
-    init = nnx.with_partitioning(nnx.initializers.normal(INIT_STD), names)
+def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple, param_dtype, std: float = INIT_STD) -> nnx.Param:
+    """A learned tensor (tokens, position embeddings) initialised normal(std, 0.02 by default)."""
+    init = nnx.with_partitioning(nnx.initializers.normal(std), names)
     return nnx.Param(init(rngs.params(), shape, param_dtype))
 
 
