@@ -274,6 +274,35 @@ def test_export_writes_bf16_params_only(tiny_trained_run, tmp_path, capsys):
     assert "differs in ['text']" in capsys.readouterr().err
 
 
+def test_stage2_starts_from_a_stage1_run_alone_with_a_fresh_vit(tiny_trained_run, tmp_path, caplog):
+    """`checkpoint.init_from=<stage-1 export>` for a model with the semantic ViT (what the blank-geometry
+    warning of a QA run tells the user to do): the stage-1 run has no ViT, so the ViT keeps its random
+    initialisation with a warning and everything else comes from the run; any other missing parameter is
+    still an error."""
+    assert cli.main(["export", "--checkpoint", str(tiny_trained_run), "--out", str(tmp_path / "s1")]) == 0
+    params, metadata = ckpt_lib.load_params(tmp_path / "s1")
+    assert not any(n.startswith("vit_model/") for n in params)
+    cfg1, _ = load.load_model(tmp_path / "s1")
+    cfg = dataclasses.replace(
+        cfg1, model=dataclasses.replace(cfg1.model, use_vit=True, freeze_und=False, freeze_recon=True),
+        optim=dataclasses.replace(cfg1.optim, stage="stage2"),
+        checkpoint=dataclasses.replace(cfg1.checkpoint, init_from=str(tmp_path / "s1")))
+    _, fresh, _ = state_lib.create_train_state(cfg, sharding.make_mesh(cfg.mesh))
+    fresh_flat = {**ckpt_lib.flat_params(fresh.trainable), **ckpt_lib.flat_params(fresh.frozen)}
+    with caplog.at_level(logging.WARNING):
+        state = ckpt_lib.initialise_from(fresh, cfg)
+    assert "no listed checkpoint has the semantic image encoder" in caplog.text
+    got = {**ckpt_lib.flat_params(state.trainable), **ckpt_lib.flat_params(state.frozen)}
+    vit = [n for n in got if n.startswith("vit_model/")]
+    assert vit and all(np.array_equal(got[n], fresh_flat[n]) for n in vit)
+    np.testing.assert_array_equal(got["dino2llm/kernel"], params["dino2llm/kernel"])
+    assert np.abs(np.asarray(got["dino2llm/kernel"])).max() > 0  # trained in stage 1, not the zero init
+    ckpt_lib.save_params(tmp_path / "broken", {k: v for k, v in params.items() if k != "dino2llm/kernel"}, metadata)
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=str(tmp_path / "broken")))
+    with pytest.raises(KeyError, match="dino2llm/kernel"):
+        ckpt_lib.initialise_from(fresh, cfg)
+
+
 def test_params_checkpoint_without_the_mask_token_still_loads(tiny_trained_run, tmp_path, caplog):
     """Exports written before the DINO mask token was kept load it as zeros (it is unused by the
     forward), with a warning; both readers of params checkpoints: load_model and checkpoint.init_from."""

@@ -67,10 +67,15 @@ def load_params(directory: str | pathlib.Path, target: dict[str, jax.ShapeDtypeS
     return params, metadata
 
 
-def _place(params: nnx.State, flat: dict, where: str) -> nnx.State:
-    """Returns `params` with every value replaced by `flat[name]`, keeping each leaf's sharding."""
+def _place(params: nnx.State, flat: dict, where: str, keep=()) -> nnx.State:
+    """Returns `params` with every value replaced by `flat[name]`, keeping each leaf's sharding; the names in
+    `keep` keep their current values."""
+    keep = set(keep)
+
     def load(path, variable):
         name = "/".join(str(k) for k in path)
+        if name in keep:
+            return variable
         if name not in flat and name in ADDED_PARAMETERS:
             logging.warning("%s predates parameter %s (unused by the forward); it loads as zeros", where, name)
             return variable.replace(jax.numpy.zeros_like(variable.get_value()))
@@ -92,7 +97,9 @@ def initialise_from(state: TrainState, cfg: config_lib.ExperimentConfig) -> Trai
     first that has it (stage 2 takes the experts from the stage-1b export and the ViT, which stage 1
     does not have, from `g2vlm init` or a converted release). The semantic image encoder of a checkpoint
     is skipped (logged) when the model has none (`model.use_vit=false`); any other parameter the model
-    lacks is an error, and so is a parameter no listed checkpoint has.
+    lacks is an error. A parameter no listed checkpoint has is an error too, except the semantic image
+    encoder's: a stage 2 that starts from a stage-1 run alone (the tiny recipe: there is no pretrained
+    tiny ViT) keeps its initialisation, with a warning naming the fix for a pretrained one.
     """
     sources = [s.strip() for s in cfg.checkpoint.init_from.split(",") if s.strip()]
     ours = set(flat_params(state.trainable)) | set(flat_params(state.frozen))
@@ -110,4 +117,11 @@ def initialise_from(state: TrainState, cfg: config_lib.ExperimentConfig) -> Trai
         logging.info("initialising %d parameters from %s (%s)", len(taken), where, metadata.get("source", "export"))
         flat.update(taken)
     where = " + ".join(sources)
-    return state.replace(trainable=_place(state.trainable, flat, where), frozen=_place(state.frozen, flat, where))
+    fresh = sorted(n for n in ours - set(flat) if n.startswith("vit_model/"))
+    if fresh:
+        logging.warning("%s: no listed checkpoint has the semantic image encoder; its %d parameters keep their "
+                        "random initialisation. For a pretrained one list a checkpoint that has it after the "
+                        "first: checkpoint.init_from=STAGE1_EXPORT,VIT_SOURCE (`g2vlm init` or a converted release)",
+                        where, len(fresh))
+    return state.replace(trainable=_place(state.trainable, flat, where, keep=fresh),
+                         frozen=_place(state.frozen, flat, where, keep=fresh))
