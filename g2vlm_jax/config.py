@@ -415,6 +415,24 @@ class ExperimentConfig:
         _require(self.log_every > 0, "log_every", "must be > 0")
         _require(self.checkpoint.preemption_check_every_steps > 0, "checkpoint.preemption_check_every_steps",
                  "must be > 0")
+        self._check_frozen_parts_agree_with_the_stage()
+
+    def _check_frozen_parts_agree_with_the_stage(self) -> None:
+        """The optimiser trains the stage's experts (core/optim.STAGE_GROUPS) and unfrozen encoders; the model's
+        freeze flags stop gradients inside the forward. A part the optimiser trains behind a stop-gradient
+        silently never changes, so such a config is refused with the one-flag fix."""
+        m, stage = self.model, self.optim.stage
+        trains = {"geometry": stage in ("stage1", "stage2_sr", "all"), "semantic": stage in ("stage2", "stage2_sr", "all")}
+        for expert, flag in (("geometry", "freeze_recon"), ("semantic", "freeze_und")):
+            _require(not (trains[expert] and getattr(m, flag)), f"model.{flag}",
+                     f"is True (no gradient reaches the {expert} expert) but optim.stage={stage!r} trains it; set "
+                     f"model.{flag}=false, or an optim.stage that leaves the {expert} expert out")
+        _require(m.freeze_dino or not m.freeze_recon, "model.freeze_dino",
+                 "is False but model.freeze_recon=True stops every gradient to the DINO encoder (its tokens reach a "
+                 "loss only through the geometry expert); set model.freeze_recon=false or model.freeze_dino=true")
+        _require(m.freeze_vit or not m.use_vit or not m.freeze_und, "model.freeze_vit",
+                 "is False but model.freeze_und=True stops every gradient to the ViT (its tokens reach the CE only "
+                 "through the semantic expert); set model.freeze_und=false or model.freeze_vit=true")
 
 
 # --------------------------------------------------------------------------------------------------

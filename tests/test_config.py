@@ -76,3 +76,20 @@ def test_2b_defaults_are_the_official_shapes():
     assert (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.head_dim, t.mlp_hidden) == (1536, 28, 12, 2, 128, 8960)
     assert (t.vocab_size, t.rope_theta, t.mrope_sections) == (151936, 1e6, (16, 24, 24))
     assert (m.vit.hidden_size, m.vit.num_layers, m.dino.hidden_size, m.dino.num_layers) == (1280, 32, 1024, 24)
+
+
+def test_a_stage_cannot_train_what_the_model_freezes():
+    """`--set optim.stage=stage2_sr` on the QA experiment used to train nothing more than stage 2: the optimiser
+    listed the geometry expert, dino2llm and the heads, but model.freeze_recon=True stopped their gradients in
+    the forward. Such combinations are refused with the flag to change; the consistent ones load."""
+    qa = str(ROOT / "experiments/tiny_synthetic.py:qa")
+    with pytest.raises(config.ConfigError, match=r"model.freeze_recon.*optim.stage='stage2_sr' trains it"):
+        config.load_experiment(qa, ["optim.stage=stage2_sr"])
+    assert config.load_experiment(qa, ["optim.stage=stage2_sr", "model.freeze_recon=false"]).optim.stage == "stage2_sr"
+    with pytest.raises(config.ConfigError, match=r"model.freeze_dino.*stops every gradient to the DINO"):
+        config.load_experiment(qa, ["model.freeze_dino=false"])
+    config.load_experiment(qa, ["model.freeze_vit=false"])  # the semantic expert trains: the ViT's gradient flows
+    with pytest.raises(config.ConfigError, match=r"model.freeze_und.*optim.stage='stage2' trains it"):
+        config.load_experiment(qa, ["model.freeze_und=true"])
+    with pytest.raises(config.ConfigError, match=r"model.freeze_recon.*optim.stage='stage1' trains it"):
+        config.load_experiment(str(ROOT / "experiments/tiny_synthetic.py"), ["model.freeze_recon=true"])

@@ -71,7 +71,7 @@ def test_blank_geometry_tokens_are_named_once(caplog):
         loop._warn_if_geometry_tokens_are_blank(spec, trained, cfg)
     assert message not in caplog.text
     trains_it = config_lib.load_experiment(str(ROOT / "experiments/tiny_synthetic.py:qa_test"),
-                                           ["optim.stage=stage2_sr"])  # a zero dino2llm that this stage trains
+                                           ["optim.stage=stage2_sr", "model.freeze_recon=false"])  # trains dino2llm
     with caplog.at_level("WARNING"):
         loop._warn_if_geometry_tokens_are_blank(spec, state, trains_it)
     assert message not in caplog.text
