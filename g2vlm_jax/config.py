@@ -593,11 +593,18 @@ def resume_changes(stored: dict, cfg: ExperimentConfig) -> list[tuple[str, Any, 
             if old[k] != new.get(k) and not any(k == f or k.startswith(f) for f in RESUME_FREE_FIELDS)]
 
 
+# Model fields that only set initial values (loaded weights replace them): checkpoints and public weights
+# written with another value, or before the field existed, are the same model.
+INIT_ONLY_FIELDS = {"dino": ("position_init_std",)}
+
+
 def model_fingerprint(model: ModelConfig) -> str:
     """A stable string of the shape-defining model fields (checkpoint compatibility check)."""
     d = to_dict(model)
     shape_keys = ("text", "vit", "dino", "heads", "use_vit")
-    d["dino"].pop("position_init_std")  # initialisation only: checkpoints load whatever it was
+    for part, names in INIT_ONLY_FIELDS.items():
+        for name in names:
+            d[part].pop(name)
     return json.dumps({k: d[k] for k in shape_keys}, sort_keys=True)
 
 

@@ -102,7 +102,8 @@ def model_config(qwen2vl_dir, dinov2_dir, base: config_lib.ModelConfig | None = 
     differ = [f"model.{part}.{f.name}: experiment {getattr(getattr(base, part), f.name)!r}, public "
               f"{getattr(getattr(public, part), f.name)!r}"
               for part in ("text", "vit", "dino") for f in dataclasses.fields(getattr(base, part))
-              if getattr(getattr(base, part), f.name) != getattr(getattr(public, part), f.name)]
+              if f.name not in config_lib.INIT_ONLY_FIELDS.get(part, ())
+              and getattr(getattr(base, part), f.name) != getattr(getattr(public, part), f.name)]
     if differ:
         raise ValueError("the experiment's model does not match the public checkpoints: " + "; ".join(differ[:6]))
     return base

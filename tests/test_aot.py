@@ -114,8 +114,9 @@ def test_model_flops_of_a_full_pack_match_step_flops(tmp_path):
     from data_pipelines import pipeline
 
     real = pipeline.make_eval_batches(cfg.data, cfg.run_dir, 1)[0]
-    # Synthetic recon samples all have the same length, so real packs hold as many as fit, like ours.
-    assert np.asarray(real.sample_valid).sum(axis=1).min() == 2
+    # Synthetic recon samples all have the same length, so real packs hold as many as fit, like ours
+    # (three 19-token samples of 2 views at 28x28 in a 64-token pack).
+    assert np.asarray(real.sample_valid).sum(axis=1).min() == 3
     per_pack = aot.model_flops_per_pack(cfg, aot.eval_shape_of(cfg))
     want = flops.step_flops(cfg.model, real).train_total / cfg.data.packs_per_step
     assert per_pack == pytest.approx(want, rel=1e-6)

@@ -124,8 +124,8 @@ def test_sharded_directory_reads_like_one_file(tiny, official_f32, tmp_path):
     for name, content in convert.official_config_files(tiny.cfg).items():
         (tmp_path / name).write_text(json.dumps(content))
     cfg, model = convert.load_official_dir(tmp_path)
-    for section in ("text", "vit", "dino", "heads", "use_vit"):
-        assert getattr(cfg, section) == getattr(tiny.cfg, section), section
+    # The same architecture (initialisation-only fields such as dino.position_init_std are not in the files).
+    assert C.model_fingerprint(cfg) == C.model_fingerprint(tiny.cfg)
     want = _flat(tiny)
     for name, value in _flat(model).items():
         np.testing.assert_array_equal(value, want[name], err_msg=name)
