@@ -293,6 +293,15 @@ class LossConfig:
     confidence_weight: float = 0.05  # BCE weight of the optional confidence head
 
 
+# The parameter groups (core/optim.py) each optim.stage trains; the encoders follow model.freeze_vit/dino.
+STAGE_GROUPS: dict[str, tuple[str, ...]] = {
+    "stage1": ("geometry", "dino2llm", "heads"),
+    "stage2": ("semantic", "embed", "lm_head"),
+    "stage2_sr": ("semantic", "embed", "lm_head", "geometry", "dino2llm", "heads"),
+    "all": ("semantic", "embed", "lm_head", "geometry", "dino2llm", "heads", "vit", "dino"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with warmup + cosine, grad clipping, per-stage trainable groups."""
@@ -418,13 +427,12 @@ class ExperimentConfig:
         self._check_frozen_parts_agree_with_the_stage()
 
     def _check_frozen_parts_agree_with_the_stage(self) -> None:
-        """The optimiser trains the stage's experts (core/optim.STAGE_GROUPS) and unfrozen encoders; the model's
-        freeze flags stop gradients inside the forward. A part the optimiser trains behind a stop-gradient
-        silently never changes, so such a config is refused with the one-flag fix."""
+        """The optimiser trains the stage's experts (STAGE_GROUPS) and unfrozen encoders; the model's freeze
+        flags stop gradients inside the forward. A part the optimiser trains behind a stop-gradient silently
+        never changes, so such a config is refused with the one-flag fix."""
         m, stage = self.model, self.optim.stage
-        trains = {"geometry": stage in ("stage1", "stage2_sr", "all"), "semantic": stage in ("stage2", "stage2_sr", "all")}
         for expert, flag in (("geometry", "freeze_recon"), ("semantic", "freeze_und")):
-            _require(not (trains[expert] and getattr(m, flag)), f"model.{flag}",
+            _require(not (expert in STAGE_GROUPS[stage] and getattr(m, flag)), f"model.{flag}",
                      f"is True (no gradient reaches the {expert} expert) but optim.stage={stage!r} trains it; set "
                      f"model.{flag}=false, or an optim.stage that leaves the {expert} expert out")
         _require(m.freeze_dino or not m.freeze_recon, "model.freeze_dino",

@@ -67,11 +67,9 @@ def load_params(directory: str | pathlib.Path, target: dict[str, jax.ShapeDtypeS
     return params, metadata
 
 
-def _place(params: nnx.State, flat: dict, where: str, keep=()) -> nnx.State:
+def _place(params: nnx.State, flat: dict, where: str, keep: set[str] = frozenset()) -> nnx.State:
     """Returns `params` with every value replaced by `flat[name]`, keeping each leaf's sharding; the names in
     `keep` keep their current values."""
-    keep = set(keep)
-
     def load(path, variable):
         name = "/".join(str(k) for k in path)
         if name in keep:
@@ -117,7 +115,7 @@ def initialise_from(state: TrainState, cfg: config_lib.ExperimentConfig) -> Trai
         logging.info("initialising %d parameters from %s (%s)", len(taken), where, metadata.get("source", "export"))
         flat.update(taken)
     where = " + ".join(sources)
-    fresh = sorted(n for n in ours - set(flat) if n.startswith("vit_model/"))
+    fresh = {n for n in ours - set(flat) if n.startswith("vit_model/")}
     if fresh:
         logging.warning("%s: no listed checkpoint has the semantic image encoder; its %d parameters keep their "
                         "random initialisation. For a pretrained one list a checkpoint that has it after the "

@@ -28,12 +28,7 @@ from g2vlm_jax import config as config_lib
 
 GROUPS = ("embed", "lm_head", "semantic", "geometry", "vit", "dino", "dino2llm", "heads")
 
-STAGE_GROUPS: dict[str, tuple[str, ...]] = {
-    "stage1": ("geometry", "dino2llm", "heads"),
-    "stage2": ("semantic", "embed", "lm_head"),
-    "stage2_sr": ("semantic", "embed", "lm_head", "geometry", "dino2llm", "heads"),
-    "all": ("semantic", "embed", "lm_head", "geometry", "dino2llm", "heads", "vit", "dino"),
-}
+STAGE_GROUPS = config_lib.STAGE_GROUPS  # which groups each optim.stage trains (SPEC 3)
 
 _HEAD_MODULES = ("point_decoder", "camera_decoder", "global_points_decoder", "point_head", "global_point_head",
                  "camera_head", "conf_decoder", "conf_head", "heads")
