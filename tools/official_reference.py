@@ -18,7 +18,9 @@ CPU patches applied by `run` (nothing else of the official code is changed):
   * fake modules: `flash_attn.flash_attn_varlen_func` -> `varlen_attention` below (exact flash-attn
     varlen semantics: segment i of q attends to segment i of k/v, softmax scale head_dim^-0.5, GQA by
     head groups, causal = bottom-right aligned `k <= q + (Lk - Lq)`; rows outside every segment, which
-    flash-attn leaves uninitialised, are 0); `torchvision` (Normalize / ToTensor with torchvision's
+    flash-attn leaves uninitialised, are 0; each segment runs torch's fused CPU
+    `scaled_dot_product_attention`, memory linear like flash-attn: the reference arrays agree with the
+    earlier dense einsum stand-in to 2.4e-6 relative); `torchvision` (Normalize / ToTensor with torchvision's
     arithmetic; nothing else is called), `cv2`, `open3d`, `easydict` (import-only).
   * float32 everywhere: the explicit `.to(torch.bfloat16)` casts inside the LLM attention / MoT layers
     (modeling/g2vlm/qwen2vl.py), the DINO attention (modeling/g2vlm/dinov2_model.py) and the ViT
@@ -264,18 +266,19 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(cq) - 1):
-        qs = q[cq[i]:cq[i + 1]].float()
-        ks = k[ck[i]:ck[i + 1]].float().repeat_interleave(hq // hk, dim=1)
-        vs = v[ck[i]:ck[i + 1]].float().repeat_interleave(hq // hk, dim=1)
-        lq, lk = qs.shape[0], ks.shape[0]
+        qs = q[cq[i]:cq[i + 1]].float().transpose(0, 1)[None]  # [1, Hq, Lq, D]
+        ks = k[ck[i]:ck[i + 1]].float().transpose(0, 1)[None]  # [1, Hk, Lk, D]
+        vs = v[ck[i]:ck[i + 1]].float().transpose(0, 1)[None]
+        lq, lk = qs.shape[2], ks.shape[2]
         if lq == 0:
             continue
-        scores = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        mask = None
         if causal:
-            allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
-            scores = scores.masked_fill(~allowed[None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[cq[i]:cq[i + 1]] = torch.einsum("hqk,khd->qhd", probs, vs).to(q.dtype)
+            mask = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+        # torch's fused CPU attention (flash-style, memory-linear without a mask), as flash-attn is on GPU
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
+                                                             enable_gqa=hq != hk)
+        out[cq[i]:cq[i + 1]] = o[0].transpose(0, 1).to(q.dtype)
     return out
 
 

@@ -124,12 +124,15 @@ def _forward(q, k, v, q_info, k_info, layer, plan: _Plan):
 
         def update(state, j, masked: bool):
             m, l, acc, n = state
-            s = jnp.einsum("bhgqd,bhkd->bhgqk", qi, kh[j], preferred_element_type=jnp.float32) * scale
+            # Unscaled logits: the row max is taken before scaling (max(s) * scale == max(s * scale) exactly,
+            # rounding being monotone) and the scale is applied inside the exp, so no pass over the tile
+            # writes the scaled logits.
+            s = jnp.einsum("bhgqd,bhkd->bhgqk", qi, kh[j], preferred_element_type=jnp.float32)
             if masked:
                 s = jnp.where(_tile_mask(q_info, k_info, i, j, plan, layer), s, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1) * scale)
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # no allowed key yet: exp(-inf - 0) = 0
-            p = jnp.exp(s - m_safe[..., None])
+            p = jnp.exp(s * scale - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
             pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), vh[j], preferred_element_type=jnp.float32)
             return m_new, alpha * l + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv, n + 1
