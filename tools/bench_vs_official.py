@@ -11,9 +11,10 @@ with its own loader, patched to run on CPU in float32 by `official_reference.bui
 patches live there, nothing is copied here). The official code attends with flash-attn, which has no CPU
 build; its stand-in (`official_reference.varlen_attention`) is torch's fused CPU
 `scaled_dot_product_attention`, the CPU counterpart of flash-attn (memory linear, ~285 GFLOP/s fp32 on
-this 2-core machine at L = 8,320), so the official side is timed with the best attention torch has on CPU. Same inputs: the pi3_room fixture images resized to 518x392
-(4:3) and cycled to V files; each side reads and resizes the files itself (the official
-`load_and_resize14` rule at the case's width, which our `reconstruct.load_images` reproduces).
+this 2-core machine at L = 8,320), so the official side is timed with the best attention torch has on CPU.
+Same inputs: the pi3_room fixture images resized to 518x392 (4:3) and cycled to V files; each side reads
+and resizes the files itself (the official `load_and_resize14` rule at the case's width, which our
+`reconstruct.load_images` reproduces).
 
 Timed call: ours `Reconstructor(model, tok)(load_images(files, width))` (reconstruct.py), official
 `model.recon(tokenizer, ids, dino_transform, files)` under `torch.no_grad()` (both: read + resize the

@@ -28,8 +28,6 @@ from g2vlm_jax import config as config_lib
 
 GROUPS = ("embed", "lm_head", "semantic", "geometry", "vit", "dino", "dino2llm", "heads")
 
-STAGE_GROUPS = config_lib.STAGE_GROUPS  # which groups each optim.stage trains (SPEC 3)
-
 _HEAD_MODULES = ("point_decoder", "camera_decoder", "global_points_decoder", "point_head", "global_point_head",
                  "camera_head", "conf_decoder", "conf_head", "heads")
 
@@ -59,7 +57,7 @@ def trainable_groups(cfg: config_lib.ExperimentConfig) -> tuple[str, ...]:
     config unfreezes it (`model.freeze_vit` / `freeze_dino`), whatever the stage. (An unfrozen encoder that
     the stage left out used to get gradients that were never applied.)"""
     encoders = {"vit": not cfg.model.freeze_vit and cfg.model.use_vit, "dino": not cfg.model.freeze_dino}
-    groups = [g for g in STAGE_GROUPS[cfg.optim.stage] if g not in encoders]
+    groups = [g for g in config_lib.STAGE_GROUPS[cfg.optim.stage] if g not in encoders]  # SPEC 3
     return tuple(groups + [g for g, trains in encoders.items() if trains])
 
 
