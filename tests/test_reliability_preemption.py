@@ -20,8 +20,10 @@ from g2vlm_jax.training import loop
 from g2vlm_jax.core import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TOTAL = 12
 KILL_TRIALS = 10
+# Each kill trial lets the run advance at most ~2 logged steps (`_sleep_unless_a_step_logs`), so 3 steps per
+# trial keep the run from finishing before all trials have killed it, however fast the machine steps.
+TOTAL = 3 * KILL_TRIALS
 
 
 def _overrides(workdir, every):
@@ -58,6 +60,14 @@ def _wait_for_steps(proc, workdir, count_before: int, timeout: float = 300) -> b
         assert time.monotonic() < deadline, "the training process logged no step in time"
         time.sleep(0.1)
     return True
+
+
+def _sleep_unless_a_step_logs(workdir, seconds: float, count: int) -> None:
+    """Sleeps `seconds`, or less: until the run has logged more than `count` steps (a random point inside the
+    current step, whatever the machine's speed, instead of a fixed time that a fast machine fills with steps)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and len(_logged_steps(workdir)) <= count:
+        time.sleep(0.02)
 
 
 def _final_params(state) -> list[np.ndarray]:
@@ -121,7 +131,7 @@ def test_sigkill_at_random_points_always_resumes_from_a_complete_checkpoint(tmp_
         if not _wait_for_steps(proc, tmp_path, before):
             assert proc.returncode == 0, (tmp_path / "train.log").read_text()[-2000:]
             break  # the run finished before this trial could kill it
-        time.sleep(float(rng.uniform(0.0, 1.5)))
+        _sleep_unless_a_step_logs(tmp_path, float(rng.uniform(0.0, 1.5)), len(_logged_steps(tmp_path)))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         kills += 1
