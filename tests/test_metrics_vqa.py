@@ -96,3 +96,30 @@ def test_score_answer():
         vqa.score_answer("A", "A", "open")
     with pytest.raises(ValueError, match="holds no number"):
         vqa.score_answer("3", "many", "numeric")
+
+
+def _mean_mra(pred, answers):
+    return np.mean([vqa.mean_relative_accuracy(pred, a) for a in answers])
+
+
+@pytest.mark.parametrize("answers", [[1, 1, 1, 2, 7], [1.23, 1.31, 4.8, 5.02, 5.1], [2.5], [0.8, 3.3, 3.4, 9.9, 12.0]])
+def test_best_constant_number_is_the_best_two_decimal_constant(answers):
+    best = vqa.best_constant_number(answers)
+    assert best == round(best, 2) and min(answers) <= best <= max(answers)
+    # Brute force with the scalar metric over every 2-decimal value in range: none scores higher.
+    grid = np.round(np.arange(min(answers), max(answers) + 0.005, 0.01), 2)
+    assert _mean_mra(best, answers) == pytest.approx(max(_mean_mra(g, answers) for g in grid))
+    # ... and it is at least as good as the mean answer (the usual trivial baseline).
+    assert _mean_mra(best, answers) >= _mean_mra(round(float(np.mean(answers)), 2), answers)
+
+
+def test_best_constant_number_beats_the_mean_on_skewed_counts():
+    # Counts: mostly 1, one outlier. The mean (2.4) is right for none; 1 is right for three of five.
+    assert vqa.best_constant_number([1, 1, 1, 2, 7]) == 1.0
+    assert _mean_mra(1.0, [1, 1, 1, 2, 7]) == pytest.approx(0.62) and _mean_mra(2.4, [1, 1, 1, 2, 7]) == pytest.approx(0.14)
+
+
+@pytest.mark.parametrize("answers", [[], [1.0, 0.0], [1.0, float("nan")]])
+def test_best_constant_number_rejects_bad_answers(answers):
+    with pytest.raises(ValueError, match="best_constant_number"):
+        vqa.best_constant_number(answers)

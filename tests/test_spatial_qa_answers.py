@@ -43,6 +43,30 @@ def test_qa_experiment_answers_every_question_in_its_type(tmp_path):
     for task, values in report["per_task"].items():
         named = f"{task}: '" in proc.stderr
         assert named == (values["distinct_predictions"] == 1), (task, values, proc.stderr[-2000:])
+    # The baselines are the strongest constants: on the training split no answer the model gave, repeated for
+    # every question of its family, scores higher than the family's baseline answer.
+    _assert_baselines_beat_every_constant(workdir, answers)
+
+
+def _assert_baselines_beat_every_constant(workdir, answers):
+    from data_pipelines import pipeline
+    from g2vlm_jax import config as config_lib
+
+    cfg = config_lib.load_experiment(str(ROOT / "experiments/tiny_synthetic.py:qa"), [f"workdir={workdir}"])
+    scenes = pipeline.open_source(cfg.data.eval_sources[0], cfg.data, "train", workdir)
+    train = [qa for i in range(len(scenes)) for qa in scenes[i].qa]
+    for task in FAMILIES:
+        family = [qa for qa in train if qa.task == task]
+        given = {a["prediction"] for a in answers if a["task"] == task}
+        baseline = {a["baseline_answer"] for a in answers if a["task"] == task}
+        assert len(baseline) == 1, (task, baseline)
+
+        def train_score(answer):
+            return sum(vqa.score_answer(answer, qa.answer, qa.answer_type, num_choices=max(len(qa.choices), 1))
+                       for qa in family) / len(family)
+
+        best = train_score(baseline.pop())
+        assert all(train_score(p) <= best + 1e-9 for p in given), (task, given, best)
 
 
 def test_blank_geometry_tokens_are_named_once(caplog):

@@ -9,9 +9,11 @@ time, and scored by `metrics.vqa.score_answer`: MRA for numeric answers, exact o
 multiple choice.
 
 Beside each family's score stands its trivial baseline, computed from the training split of the
-same sources and scored on the same held-out questions: the mean training answer for numeric
-families, the most frequent correct letter for choice families. A model that beats it uses the
-images; one that matches it has learnt the answer distribution only.
+same sources and scored on the same held-out questions: the best constant answer of the training
+split (for numeric families the number with the highest mean MRA over the training answers, for
+choice families the most frequent correct letter). No answer that ignores the images does better
+on the training distribution, so a model that beats it uses the images; one that matches it has
+learnt the answer distribution only.
 
 Report:
     num_questions, overall (mean score), overall_baseline,
@@ -75,8 +77,9 @@ def eval_questions(cfg: config_lib.ExperimentConfig, per_task: int) -> list[tupl
 
 
 def baseline_answers(cfg: config_lib.ExperimentConfig) -> dict[str, str]:
-    """task -> the trivial answer learnt from the training split of the eval sources: the mean answer of
-    a numeric family (2 decimals), the most frequent correct letter of a choice family.
+    """task -> the trivial answer learnt from the training split of the eval sources: the best constant
+    number of a numeric family (`vqa.best_constant_number`, 2 decimals), the most frequent correct
+    letter of a choice family.
 
     Read from the first BASELINE_SCENES scenes of each source (a large split would otherwise be read
     whole at every evaluation), once per data config and run directory.
@@ -100,7 +103,7 @@ def _baseline_answers(data: config_lib.DataConfig, run_dir: pathlib.Path) -> dic
     out = {}
     for task, values in answers.items():
         if kinds[task] == "numeric":
-            out[task] = f"{np.mean([vqa_metrics.extract_number(v) for v in values]):.2f}"
+            out[task] = f"{vqa_metrics.best_constant_number([vqa_metrics.extract_number(v) for v in values]):.2f}"
         else:
             out[task] = collections.Counter(values).most_common(1)[0][0]
     return out

@@ -145,6 +145,28 @@ def mean_relative_accuracy(pred: float | str | None, gt: float) -> float:
     return float(np.mean(rel_error <= 1.0 - MRA_THRESHOLDS + _MRA_SLACK))
 
 
+def best_constant_number(answers) -> float:
+    """The number, written to 2 decimals, whose mean MRA over `answers` (finite values > 0) is highest:
+    the strongest answer a model that ignores the question's images can give to a numeric family.
+
+    Searched over every 2-decimal value between the smallest and largest answer (a geometric grid of
+    2,001 values when that range holds more); ties go to the smallest. answers: float[n].
+    """
+    gts = np.asarray(answers, np.float64)
+    if gts.size == 0 or not np.all(np.isfinite(gts)) or gts.min() <= 0:
+        raise ValueError("best_constant_number: answers must be a non-empty list of finite numbers > 0")
+    lo, hi = gts.min(), gts.max()
+    if (hi - lo) / 0.01 <= 2000:
+        candidates = np.round(np.arange(round(lo, 2), round(hi, 2) + 0.005, 0.01), 2)
+    else:
+        candidates = np.unique(np.round(np.geomspace(lo, hi, 2001), 2))
+    rel_error = np.abs(candidates[:, None] - gts[None, :]) / gts[None, :]  # [candidates, n]
+    score = np.zeros(len(candidates))
+    for threshold in MRA_THRESHOLDS:
+        score += np.mean(rel_error <= 1.0 - threshold + _MRA_SLACK, axis=1)
+    return float(candidates[int(np.argmax(score))])
+
+
 def _option_letters(num_choices: int) -> str:
     if not 1 <= num_choices <= 26:
         raise ValueError(f"num_choices must be in 1..26 (option letters A-Z), got {num_choices}")
