@@ -1,5 +1,6 @@
 """Tokenizer backends: the built-in sentencepiece model (reproducible) and Qwen2 BPE from tokenizer.json."""
 import json
+import string
 
 import pytest
 
@@ -24,6 +25,17 @@ def test_builtin_numbers_are_digit_tokens():
     tok = T.load_tokenizer("sentencepiece:builtin")
     for number in ("2.84", "3.15", "1.07", "12", "0.5"):
         assert [tok.decode([i]) for i in tok.encode(number)] == list(number), number
+
+
+def test_builtin_encodes_every_printable_ascii_character():
+    """A question typed to `g2vlm chat` on a tiny model keeps every character: none becomes <unk> (the
+    synthetic corpus alone lacked q, z, E-G, J-V, Z, quotes and brackets)."""
+    tok = T.load_tokenizer("sentencepiece:builtin")
+    unk = tok.encode("\u2603")  # a character outside the corpus: the <unk> id
+    question = 'Is the TV [#3] left of the "quiz" sofa? {Yes|No} @E-F-G: 50% ~ $10 & <5> ^_^ `x` \\'
+    assert tok.decode(tok.encode(question)) == question
+    for char in string.printable.strip():
+        assert tok.decode(tok.encode(char)) == char and unk[0] not in tok.encode(char), char
 
 
 def test_retraining_reproduces_the_builtin_model(tmp_path):

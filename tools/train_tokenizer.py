@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import pathlib
+import string
 
 from g2vlm_jax import tokenizer as tokenizer_lib
 
@@ -21,6 +22,10 @@ CHAT_STRINGS = [
     "system\nYou are a helpful assistant.",
     "user\n", "assistant\n", "0123456789.,:;?!()-+/%",
     "Answer with a number in metres.", "Answer with the option letter.",
+    # Every printable ASCII character is a piece (character_coverage=1.0 keeps each one seen): without
+    # these lines q, z, E-G, J-V, Z, quotes, brackets, ... were absent from the synthetic corpus and a
+    # user's question to `g2vlm chat` lost them to <unk>.
+    string.ascii_lowercase, string.ascii_uppercase, string.punctuation,
 ]
 
 
