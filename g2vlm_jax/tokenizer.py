@@ -13,12 +13,25 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import pathlib
 
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 QWEN2_SPECIAL_IDS = {"<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
                      "<|vision_end|>": 151653}
 BUILTIN_SP_MODEL = pathlib.Path(__file__).parent / "assets" / "tiny_sp.model"
+
+
+def builtin_fingerprint() -> str:
+    """sha256 of the built-in model file: a run records it, so a checkpoint trained with another version of
+    the vocabulary (the file changed on 2026-12-06 to cover all printable ASCII) is refused, not decoded
+    into wrong text."""
+    return hashlib.sha256(BUILTIN_SP_MODEL.read_bytes()).hexdigest()
+
+
+def is_builtin(spec: str) -> bool:
+    kind, _, where = spec.partition(":")
+    return kind == "sentencepiece" and where in ("", "builtin")
 
 
 @dataclasses.dataclass(frozen=True)

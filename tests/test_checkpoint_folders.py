@@ -75,3 +75,31 @@ def test_a_run_checkpoint_of_another_parameter_tree_is_named(tiny_trained_run):
 
     with pytest.raises(ck.CheckpointMismatchError, match="it lacks 1: frozen/dino_model/embeddings/mask_token"):
         ck.check_same_tree(OlderManager(), step, abstract, "old/3")
+
+
+def test_a_checkpoint_of_another_builtin_tokenizer_is_refused(tiny_qa_checkpoint, tmp_path, capsys):
+    """The built-in vocabulary changed on 2026-12-06 (every printable ASCII character): a tiny checkpoint
+    trained before would decode its answers with the wrong pieces. Loading it, as `g2vlm chat` does, says so in
+    one line instead; the checkpoint as written (with its tokenizer fingerprint) loads."""
+    import json
+    import shutil
+
+    from g2vlm_jax import cli
+    from g2vlm_jax.inference import load
+
+    cfg, _ = load.load_model(tiny_qa_checkpoint)
+    assert cfg.data.tokenizer == "sentencepiece:builtin"
+    old = tmp_path / "old_vocabulary"
+    shutil.copytree(tiny_qa_checkpoint, old)
+    metadata = json.loads((old / "metadata.json").read_text())
+    del metadata["builtin_tokenizer_sha256"]  # as written before the fingerprint existed
+    (old / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="another version of the built-in tokenizer"):
+        load.load_model(old)
+    metadata["builtin_tokenizer_sha256"] = "0" * 64
+    (old / "metadata.json").write_text(json.dumps(metadata))
+    image = tmp_path / "room.png"
+    from PIL import Image
+    Image.new("RGB", (28, 28), (120, 80, 40)).save(image)
+    assert cli.main(["chat", "--checkpoint", str(old), "--images", str(image), "--question", "How far?"]) != 0
+    assert "another version of the built-in tokenizer" in capsys.readouterr().err

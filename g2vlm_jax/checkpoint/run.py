@@ -26,6 +26,7 @@ from etils import epath
 
 from g2vlm_jax import config as config_lib
 from g2vlm_jax import meeting
+from g2vlm_jax import tokenizer as tokenizer_lib
 
 ITEMS = ("state", "data", "metadata")
 
@@ -58,7 +59,10 @@ def make_manager(directory: str | pathlib.Path, ckpt: config_lib.CheckpointConfi
 
 
 def run_metadata(cfg: config_lib.ExperimentConfig) -> dict:
-    return {"config": config_lib.to_dict(cfg), "model_fingerprint": config_lib.model_fingerprint(cfg.model)}
+    metadata = {"config": config_lib.to_dict(cfg), "model_fingerprint": config_lib.model_fingerprint(cfg.model)}
+    if tokenizer_lib.is_builtin(cfg.data.tokenizer):
+        metadata["builtin_tokenizer_sha256"] = tokenizer_lib.builtin_fingerprint()
+    return metadata
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict, cfg: config_lib.ExperimentConfig,
@@ -92,6 +96,12 @@ def check_compatible(metadata: dict, cfg: config_lib.ExperimentConfig, where: st
         raise CheckpointMismatchError(
             f"checkpoint {where} was written for another model config (differs in {diff}); "
             "use the experiment that wrote it, or convert/initialise with checkpoint.init_from instead")
+    if tokenizer_lib.is_builtin(cfg.data.tokenizer) \
+            and metadata.get("builtin_tokenizer_sha256") != tokenizer_lib.builtin_fingerprint():
+        raise CheckpointMismatchError(
+            f"checkpoint {where} was trained with another version of the built-in tokenizer "
+            "(g2vlm_jax/assets/tiny_sp.model; it gained every printable ASCII character on 2026-12-06), so its "
+            "token ids mean other text now; train the run again with this version")
 
 
 def _leaf_names(tree: Any) -> set[tuple[str, ...]]:
