@@ -21,6 +21,7 @@ from flax import nnx
 from g2vlm_jax import checkpoint as ckpt_lib
 from g2vlm_jax import config as config_lib
 from g2vlm_jax import sharding as sharding_lib
+from g2vlm_jax import tokenizer as tokenizer_lib
 from g2vlm_jax.core import state as state_lib
 
 
@@ -34,7 +35,7 @@ def _config_from_metadata(metadata: dict, where: str, overrides) -> config_lib.E
 def _relative_tokenizer(cfg: config_lib.ExperimentConfig, base: pathlib.Path) -> config_lib.ExperimentConfig:
     """A tokenizer file given relative to a params-only checkpoint (`g2vlm convert`) is read from there."""
     kind, _, where = cfg.data.tokenizer.partition(":")
-    if where in ("", "builtin") or pathlib.Path(where).is_absolute() or not (base / where).exists():
+    if tokenizer_lib.is_builtin(cfg.data.tokenizer) or pathlib.Path(where).is_absolute() or not (base / where).exists():
         return cfg
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=f"{kind}:{base / where}"))
 
