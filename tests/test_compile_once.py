@@ -7,7 +7,6 @@ the tests also catch a retrace whose compile the persistent cache would hide.
 """
 import jax
 import numpy as np
-import pytest
 from flax import nnx
 
 from g2vlm_jax import config as C

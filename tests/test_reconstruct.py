@@ -81,6 +81,8 @@ def test_reconstruct_cli_with_a_trained_checkpoint(tiny_trained_run, tmp_path):
     points, colors = np.asarray(cloud.vertices), np.asarray(cloud.colors)[:, :3]
     assert len(points) == cameras["num_points"] and cameras["num_points"] + cameras["dropped_points"] == 8 * 56 * 42
     assert np.isfinite(points).all() and len(points) > 0
+    # Each point is coloured by its pixel: the room's many colours, not one fill colour.
+    assert colors.shape == points.shape and len(np.unique(colors, axis=0)) > 100
     for v in views:
         r = np.array(v["c2w"])[:3, :3]
         np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-4)
