@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import hashlib
 import pathlib
 
@@ -22,6 +23,7 @@ QWEN2_SPECIAL_IDS = {"<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_sta
 BUILTIN_SP_MODEL = pathlib.Path(__file__).parent / "assets" / "tiny_sp.model"
 
 
+@functools.cache  # read once per process: every checkpoint save and load asks
 def builtin_fingerprint() -> str:
     """sha256 of the built-in model file: a run records it, so a checkpoint trained with another version of
     the vocabulary (the file changed on 2026-12-06 to cover all printable ASCII) is refused, not decoded

@@ -1,8 +1,14 @@
 """`checkpoint.open_checkpoint`: the one place that tells a run directory, a params-only checkpoint and an
 official release apart, and says what each looks like when a path is none of them."""
+import json
+import shutil
+
 import pytest
+from PIL import Image
 
 from g2vlm_jax import checkpoint as ckpt_lib
+from g2vlm_jax import cli
+from g2vlm_jax.inference import load
 
 
 def test_kinds_and_errors(tmp_path):
@@ -81,12 +87,6 @@ def test_a_checkpoint_of_another_builtin_tokenizer_is_refused(tiny_qa_checkpoint
     """The built-in vocabulary changed on 2026-12-06 (every printable ASCII character): a tiny checkpoint
     trained before would decode its answers with the wrong pieces. Loading it, as `g2vlm chat` does, says so in
     one line instead; the checkpoint as written (with its tokenizer fingerprint) loads."""
-    import json
-    import shutil
-
-    from g2vlm_jax import cli
-    from g2vlm_jax.inference import load
-
     cfg, _ = load.load_model(tiny_qa_checkpoint)
     assert cfg.data.tokenizer == "sentencepiece:builtin"
     old = tmp_path / "old_vocabulary"
@@ -99,7 +99,6 @@ def test_a_checkpoint_of_another_builtin_tokenizer_is_refused(tiny_qa_checkpoint
     metadata["builtin_tokenizer_sha256"] = "0" * 64
     (old / "metadata.json").write_text(json.dumps(metadata))
     image = tmp_path / "room.png"
-    from PIL import Image
     Image.new("RGB", (28, 28), (120, 80, 40)).save(image)
     assert cli.main(["chat", "--checkpoint", str(old), "--images", str(image), "--question", "How far?"]) != 0
     assert "another version of the built-in tokenizer" in capsys.readouterr().err
