@@ -58,13 +58,17 @@ def builder_name(source: DataSource, data: DataConfig) -> tuple[str, dict]:
     """
     if source.name in SYNTHETIC_BUILDERS:
         from data_pipelines.builders.synthetic import SyntheticConfig
+        from data_pipelines.synthetic.spatial_qa import QAConfig
 
         h, w = data.image_size
         scale = 1.25
         n = source.synthetic_scenes
-        cfg = SyntheticConfig(name=f"h{int(h * scale)}w{int(w * scale)}v{max(data.max_views, 6)}n{n[0]}-{n[1]}-{n[2]}",
-                              height=int(h * scale), width=int(w * scale), num_views=max(data.max_views, 6),
-                              num_scenes=n)
+        name = f"h{int(h * scale)}w{int(w * scale)}v{max(data.max_views, 6)}n{n[0]}-{n[1]}-{n[2]}"
+        qa = QAConfig(tasks=source.qa_tasks or QAConfig.tasks, per_task=source.qa_per_task)
+        if qa != QAConfig():  # another question set is another dataset (the name is its cache key)
+            name += f"q{'-'.join(qa.tasks)}x{qa.per_task}"
+        cfg = SyntheticConfig(name=name, height=int(h * scale), width=int(w * scale), num_views=max(data.max_views, 6),
+                              num_scenes=n, qa=qa)
         return SYNTHETIC_BUILDERS[source.name], {"config": cfg}
     return source.name, {}
 

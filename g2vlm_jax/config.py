@@ -229,10 +229,17 @@ class DataSource:
     weight: float = 1.0  # mixture weight (normalised over sources)
     data_dir: str = ""  # where the ArrayRecord/tfds files live ('' = <workdir>/data, built on demand)
     synthetic_scenes: tuple[int, int, int] = (512, 32, 32)  # train/validation/test scenes of synthetic sources
+    qa_tasks: tuple[str, ...] = ()  # synthetic_qa: the task families asked ('' = all of spatial_qa.TASKS)
+    qa_per_task: int = 1  # synthetic_qa: questions per task family and scene
 
     def validate(self, prefix: str) -> None:
+        from data_pipelines.synthetic.spatial_qa import TASKS  # imported here: data_pipelines imports this module
+
         _check_literal(self, prefix)
         _require(self.weight > 0, prefix + "weight", "must be > 0")
+        unknown = sorted(set(self.qa_tasks) - set(TASKS))
+        _require(not unknown, prefix + "qa_tasks", f"has unknown task families {unknown}; known: {list(TASKS)}")
+        _require(self.qa_per_task > 0, prefix + "qa_per_task", "must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)

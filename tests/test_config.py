@@ -79,10 +79,10 @@ def test_2b_defaults_are_the_official_shapes():
 
 
 def test_a_stage_cannot_train_what_the_model_freezes():
-    """`--set optim.stage=stage2_sr` on the QA experiment used to train nothing more than stage 2: the optimiser
+    """`--set optim.stage=stage2_sr` on a stage-2 experiment used to train nothing more than stage 2: the optimiser
     listed the geometry expert, dino2llm and the heads, but model.freeze_recon=True stopped their gradients in
     the forward. Such combinations are refused with the flag to change; the consistent ones load."""
-    qa = str(ROOT / "experiments/tiny_synthetic.py:qa")
+    qa = str(ROOT / "experiments/tiny_synthetic.py:qa_test")  # stage 2: the geometry path frozen
     with pytest.raises(config.ConfigError, match=r"model.freeze_recon.*optim.stage='stage2_sr' trains it"):
         config.load_experiment(qa, ["optim.stage=stage2_sr"])
     assert config.load_experiment(qa, ["optim.stage=stage2_sr", "model.freeze_recon=false"]).optim.stage == "stage2_sr"

@@ -144,9 +144,15 @@ def _check(qa, scene, layout):
             expect = ("moved right" if dx > 0 else "moved left") if abs(dx) > abs(dz) else \
                 ("moved forward" if dz > 0 else "moved backward")
             assert text == expect
+    elif qa.task == "marker_row":  # the quarter of the image height that holds the marked pixel, top first
+        row = (qa.markers[0][2] + 0.5) / scene.images.shape[1]
+        assert min(abs(row - 0.25), abs(row - 0.75)) >= 0.03  # an augmentation crop cannot move it across
+        assert qa.choices == ("A. top", "B. upper middle", "C. lower middle", "D. bottom")
+        assert qa.answer == "ABCD"[int(row * 4)]
     for view, u, v, label in qa.markers:  # a marker sits on its object: unproject it with the depth map
         p = _world_points(scene, view)[int(v), int(u)]
-        assert np.linalg.norm(p - objs[label].center) <= np.linalg.norm(objs[label].extent) + 1e-4
+        on = [objs[label]] if label in objs else layout.objects  # marker_row does not name the object
+        assert any(np.linalg.norm(p - o.center) <= np.linalg.norm(o.extent) + 1e-4 for o in on)
 
 
 def test_spatial_qa_answers_match_the_scene_geometry():
@@ -159,7 +165,7 @@ def test_spatial_qa_answers_match_the_scene_geometry():
             if qa.answer_type == "choice":
                 assert qa.answer in "ABCD" and f"\n{qa.answer}. " in qa.question
             tasks[qa.task] = tasks.get(qa.task, 0) + 1
-    assert set(tasks) == {"distance", "depth", "closer", "count", "direction", "camera_motion"}
+    assert set(tasks) == {"distance", "depth", "closer", "count", "direction", "camera_motion", "marker_row"}
     assert min(tasks.values()) >= 6
 
 
@@ -189,3 +195,24 @@ def test_builder_writes_array_record_read_back_by_index(tmp_path):
         assert scene.qa == direct.qa and scene.scene_id == f"validation_{i:07d}"
     scenes = open_scenes("synthetic_spatial_qa/unit", split="train", data_dir=tmp_path)
     assert len(scenes) == 4 and scenes[3].images.shape == (3, 28, 42, 3)
+
+
+def test_a_source_asks_the_families_it_lists():
+    """DataSource.qa_tasks / qa_per_task choose the questions of a synthetic_qa source (the tiny QA recipe's
+    curriculum source); another question set is another dataset, and an unknown family is refused by name."""
+    from data_pipelines import pipeline
+    from g2vlm_jax import config as C
+
+    data = C.DataConfig(image_size=(28, 28), max_views=2)
+    every = C.DataSource(name="synthetic_qa", kind="recon_qa", synthetic_scenes=(4, 2, 2))
+    subset = dataclasses.replace(every, qa_tasks=("depth", "marker_row"), qa_per_task=3)
+    every_cfg, subset_cfg = (pipeline.builder_name(s, data)[1]["config"] for s in (every, subset))
+    assert every_cfg.name != subset_cfg.name and every_cfg.qa == QAConfig()
+    tasks = [[q.task for q in synthetic_qa_scene("train", i, subset_cfg.render, subset_cfg.qa).scene.qa]
+             for i in range(4)]
+    assert {t for scene in tasks for t in scene} == {"depth", "marker_row"}
+    assert max(scene.count("depth") for scene in tasks) == 3 and max(scene.count("marker_row") for scene in tasks) == 3
+    with pytest.raises(C.ConfigError, match=r"data.sources\[0\].qa_tasks.*unknown task families \['height'\]"):
+        dataclasses.replace(every, qa_tasks=("height",)).validate("data.sources[0].")
+    with pytest.raises(C.ConfigError, match=r"data.sources\[0\].qa_per_task"):
+        dataclasses.replace(every, qa_per_task=0).validate("data.sources[0].")

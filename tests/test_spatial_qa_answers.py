@@ -1,10 +1,14 @@
-"""The semantic expert learns to answer: `g2vlm train --experiment experiments/tiny_synthetic.py:qa` (the
-README's QA command) ends with a spatial-QA report whose answers are real answers.
+"""The semantic expert learns to answer: the README's QA commands (stage-1 run -> `g2vlm export` ->
+`g2vlm train --experiment experiments/tiny_synthetic.py:qa --set checkpoint.init_from=EXPORT`) end with a
+spatial-QA report whose answers are real answers, and, run in full, answers from the images.
 
 Before the chat layout fed `\\n` after the assistant turn (SPEC 4), the trained model answered every
-question with an empty string while its CE fell; this test reads what a user reads: every prediction
-of `eval/spatial_qa_answers_step300.jsonl` is non-empty and parses as its family's type (a number for
+question with an empty string while its CE fell; these tests read what a user reads: every prediction
+of `eval/spatial_qa_answers_step<N>.jsonl` is non-empty and parses as its family's type (a number for
 numeric families, an option letter for choice families), and every family has its baseline beside it.
+The fast test shortens the runs (steps, held-out questions); `test_readme_qa_recipe_beats_the_baselines`
+(marked slow: ~45 min on 2 cores, `pytest -m slow tests/test_spatial_qa_answers.py`) runs the README's
+commands unchanged and checks the scores the README states.
 """
 import json
 import os
@@ -12,39 +16,88 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from g2vlm_jax.metrics import vqa
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FAMILIES = {"distance", "depth", "closer", "count", "direction", "camera_motion"}
+FAMILIES = {"distance", "depth", "closer", "count", "direction", "camera_motion", "marker_row"}
+
+
+def _g2vlm(*args, timeout):
+    proc = subprocess.run([sys.executable, "-m", "g2vlm_jax.cli", *args], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (args, proc.stderr[-3000:])
+    return proc
+
+
+def _readme_qa_chain(tmp_path, stage1_sets=(), qa_sets=(), timeout=900):
+    """The README's three QA commands, with `--set` additions; returns (QA run dir, its stderr)."""
+    stage1, export, qa = tmp_path / "tiny_synthetic", tmp_path / "tiny_synthetic_export", tmp_path / "qa"
+    _g2vlm("train", "--experiment", "experiments/tiny_synthetic.py", "--set", f"workdir={stage1}",
+           *[a for s in stage1_sets for a in ("--set", s)], timeout=timeout)
+    _g2vlm("export", "--checkpoint", str(stage1), "--out", str(export), timeout=300)
+    proc = _g2vlm("train", "--experiment", "experiments/tiny_synthetic.py:qa", "--set", f"workdir={qa}",
+                  "--set", f"checkpoint.init_from={export}", *[a for s in qa_sets for a in ("--set", s)],
+                  timeout=timeout * 4)
+    return qa, proc.stderr
+
+
+def _answers(workdir, step):
+    report = json.loads((workdir / "eval" / "report.json").read_text())["spatial_qa"]
+    answers = [json.loads(line) for line in (workdir / "eval" / f"spatial_qa_answers_step{step}.jsonl").read_text()
+               .splitlines()]
+    return report, answers
 
 
 def test_qa_experiment_answers_every_question_in_its_type(tmp_path):
-    workdir = tmp_path / "qa"
-    cmd = [sys.executable, "-m", "g2vlm_jax.cli", "train", "--experiment", "experiments/tiny_synthetic.py:qa",
-           "--set", f"workdir={workdir}", "--set", "eval.every_steps=0", "--set", "eval.qa_per_task=8"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                          timeout=800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((workdir / "eval" / "report.json").read_text())["spatial_qa"]
+    workdir, stderr = _readme_qa_chain(
+        tmp_path,
+        stage1_sets=("optim.total_steps=10", "optim.warmup_steps=2", "eval.every_steps=0", "eval.num_batches=1"),
+        qa_sets=("optim.total_steps=120", "eval.every_steps=0", "eval.qa_per_task=8"))
+    report, answers = _answers(workdir, 120)
     assert set(report["per_task"]) == FAMILIES
     assert all(t["count"] == 8 and "baseline" in t for t in report["per_task"].values())
-    answers = [json.loads(line) for line in (workdir / "eval" / "spatial_qa_answers_step300.jsonl").read_text()
-               .splitlines()]
-    assert len(answers) == 48
+    assert len(answers) == 8 * len(FAMILIES)
     for a in answers:
         assert a["prediction"], a
         if a["answer_type"] == "numeric":
             assert vqa.extract_number(a["prediction"]) is not None, a
         else:
             assert vqa.extract_choice(a["prediction"], 4) is not None, a
-    # The README's QA run starts from no stage-1 run: its geometry tokens are blank, and it says so once.
-    assert proc.stderr.count("the geometry tokens carry no image") == 1, proc.stderr[-2000:]
+    # Started from the stage-1 export, the geometry tokens carry the image (no 'blank tokens' warning).
+    assert "the geometry tokens carry no image" not in stderr
     # A family answered with one constant answer is named in a warning (the score is then the text prior's).
     for task, values in report["per_task"].items():
-        named = f"{task}: '" in proc.stderr
-        assert named == (values["distinct_predictions"] == 1), (task, values, proc.stderr[-2000:])
+        named = f"{task}: '" in stderr
+        assert named == (values["distinct_predictions"] == 1), (task, values, stderr[-2000:])
     # The baselines are the strongest constants: on the training split no answer the model gave, repeated for
     # every question of its family, scores higher than the family's baseline answer.
+    _assert_baselines_beat_every_constant(workdir, answers)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(4 * 3600)
+def test_readme_qa_recipe_beats_the_baselines(tmp_path):
+    """The README's QA commands, unchanged: on the held-out split (50 questions a family) the model reads the
+    marked object. `marker_row` (only the marked pixel's position answers it) and `depth` beat their baselines,
+    and even the best constant answer chosen on the held-out questions themselves, with answers that vary
+    with the image (measured: depth MRA 0.44 vs 0.38, 15 answers, r = 0.42; marker_row 0.56 vs 0.48)."""
+    import numpy as np
+
+    workdir, _ = _readme_qa_chain(tmp_path, timeout=1800)
+    report, answers = _answers(workdir, 1500)
+    for task, min_distinct in (("marker_row", 2), ("depth", 5)):
+        values, family = report["per_task"][task], [a for a in answers if a["task"] == task]
+        assert values["count"] == len(family) == 50
+        candidates = "ABCD" if task == "marker_row" else {a["answer"] for a in family}
+        best_constant = max(np.mean([vqa.score_answer(c, a["answer"], a["answer_type"], num_choices=4)
+                                     for a in family]) for c in candidates)
+        assert values["score"] >= max(values["baseline"], best_constant) + 0.04, (task, values, best_constant)
+        assert len({a["prediction"] for a in family}) >= min_distinct, (task, values)
+    depth = [a for a in answers if a["task"] == "depth"]
+    truth, said = (np.array([float(vqa.extract_number(a[k])) for a in depth]) for k in ("answer", "prediction"))
+    assert np.corrcoef(truth, said)[0, 1] > 0.25  # the answers follow the scene, not only their mean
     _assert_baselines_beat_every_constant(workdir, answers)
 
 

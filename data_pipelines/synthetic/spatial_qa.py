@@ -10,6 +10,10 @@ Task families (QAPair.task):
                           (camera x) or in front / behind (camera z), asked only when one axis dominates
   camera_motion  choice   from image 1 to image 2: moved forward / backward / left / right (camera-1
                           frame translation, one axis dominating) or turned left / right (yaw)
+  marker_row     choice   which horizontal quarter of image 1 (top / upper middle / lower middle /
+                          bottom, options in that order) holds the point marked X: answered only by
+                          finding the marked pixel, the lookup every marked question needs (the tiny
+                          model's curriculum: without it, it never learns to read a marked object)
 
 Objects are named by colour and shape ("the red box"; each (colour, shape) is unique in a scene)
 and marked with a point (QAPair.markers: scene view, u, v, label 'X'/'Y', never an option letter) on a
@@ -28,7 +32,7 @@ import numpy as np
 from data_pipelines.scene import QAPair, Scene
 from data_pipelines.synthetic.render import SHAPES, SPLIT_CODES, RenderConfig, RenderedScene, render_scene
 
-TASKS = ("distance", "depth", "closer", "count", "direction", "camera_motion")
+TASKS = ("distance", "depth", "closer", "count", "direction", "camera_motion", "marker_row")
 _LETTERS = "ABCDEF"
 _NUMERIC_SUFFIX = " Answer with a number in metres."
 
@@ -83,8 +87,8 @@ class _Context:
                for a, b in itertools.permutations(np.flatnonzero(self.visible[v]).tolist(), 2)]
         return [out[i] for i in self.rng.permutation(len(out))]
 
-    def choice(self, task, question, options, correct, views, markers) -> QAPair:
-        order = self.rng.permutation(len(options))
+    def choice(self, task, question, options, correct, views, markers, shuffle: bool = True) -> QAPair:
+        order = self.rng.permutation(len(options)) if shuffle else np.arange(len(options))
         choices = tuple(f"{_LETTERS[i]}. {options[j]}" for i, j in enumerate(order))
         text = question + "\n" + "\n".join(choices) + "\nAnswer with the option's letter."
         return QAPair(text, _LETTERS[int(np.flatnonzero(order == correct)[0])], "choice", task, choices,
@@ -196,8 +200,28 @@ def _camera_motion(ctx: _Context) -> QAPair | None:
     return None
 
 
+_BANDS = ("top", "upper middle", "lower middle", "bottom")
+# Training crops scale a frame about its centre by up to 1/0.9 (sampling.sample_views), which moves a
+# point at the quarter lines (0.25 H from the centre) by up to 0.028 H: markers nearer a quarter line
+# than this could change band in the geometry frames, so they are not asked about.
+_BAND_MARGIN = 0.03
+
+
+def _marker_row(ctx: _Context) -> QAPair | None:
+    options = np.argwhere(ctx.visible)
+    for idx in ctx.rng.permutation(len(options)):
+        v, k = options[idx].tolist()
+        marker = ctx.marker(k, v, "X")
+        row = (marker[2] + 0.5) / ctx.ids[v].shape[0]  # pixel centre, as a fraction of the height
+        if min(abs(row - 0.25), abs(row - 0.75)) < _BAND_MARGIN:
+            continue
+        q = "In image 1, in which horizontal band of the image is the point marked X?"
+        return ctx.choice("marker_row", q, list(_BANDS), min(3, int(4 * row)), (v,), (marker,), shuffle=False)
+    return None
+
+
 _GENERATORS = {"distance": _distance, "depth": _depth, "closer": _closer, "count": _count,
-               "direction": _direction, "camera_motion": _camera_motion}
+               "direction": _direction, "camera_motion": _camera_motion, "marker_row": _marker_row}
 
 
 def make_spatial_qa(rendered: RenderedScene, cfg: QAConfig, rng: np.random.Generator) -> tuple[QAPair, ...]:

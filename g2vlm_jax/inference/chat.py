@@ -40,8 +40,8 @@ def _check_semantic_expert(cfg: config_lib.ExperimentConfig, has_images: bool) -
         raise ValueError(
             f"this checkpoint ({cfg.name}) was trained for reconstruction only (model.use_vit=false): it has no "
             "semantic image encoder and its language expert never learnt to answer. Train a spatial-QA stage from it "
-            "(e.g. `g2vlm train --experiment experiments/tiny_synthetic.py:qa`) and chat with that checkpoint, or "
-            "run `g2vlm reconstruct` on these images")
+            "(`g2vlm export` it, then e.g. `g2vlm train --experiment experiments/tiny_synthetic.py:qa --set "
+            "checkpoint.init_from=EXPORT`) and chat with that checkpoint, or run `g2vlm reconstruct` on these images")
 
 
 def answer_arrays(model, tok, cfg: config_lib.ExperimentConfig, *, question: str, semantic: np.ndarray,
