@@ -1,7 +1,7 @@
 """Trains the built-in sentencepiece tokenizer of the tiny configs (g2vlm_jax/assets/tiny_sp.model).
 
 The corpus is regenerated deterministically: the questions and answers of synthetic spatial-QA
-scenes (every task family), the reconstruction prompt and the chat-template strings. Training is
+scenes (the task families of CORPUS_TASKS), the reconstruction prompt and the chat-template strings. Training is
 single-threaded with fixed settings, so the same corpus gives the same model. Digits are split
 (`split_digits`): every number is one token per digit, as in Qwen2's vocabulary, so a numeric answer
 is learnt digit by digit rather than as one of many whole-number tokens.
@@ -29,15 +29,21 @@ CHAT_STRINGS = [
 ]
 
 
+# The families whose text the built-in model was trained on. Pinned: a family added to spatial_qa.TASKS
+# later (marker_row) is written with these pieces (every printable character is one) instead of silently
+# changing the vocabulary, which would change every tiny run's token ids and the measured results.
+CORPUS_TASKS = ("distance", "depth", "closer", "count", "direction", "camera_motion")
+
+
 def corpus_lines(num_scenes: int = 96) -> list[str]:
-    """Deterministic training text: synthetic QA of `num_scenes` training scenes + chat strings."""
+    """Deterministic training text: synthetic QA (CORPUS_TASKS) of `num_scenes` training scenes + chat strings."""
     from data_pipelines.synthetic.render import RenderConfig
-    from data_pipelines.synthetic.spatial_qa import synthetic_qa_scene
+    from data_pipelines.synthetic.spatial_qa import QAConfig, synthetic_qa_scene
 
     lines = list(CHAT_STRINGS)
     cfg = RenderConfig(height=28, width=28, num_views=4)
     for index in range(num_scenes):
-        for qa in synthetic_qa_scene("train", index, cfg).scene.qa:
+        for qa in synthetic_qa_scene("train", index, cfg, QAConfig(tasks=CORPUS_TASKS)).scene.qa:
             lines.extend([qa.question, qa.answer, *qa.choices])
     return lines
 
