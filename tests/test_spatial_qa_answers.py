@@ -7,7 +7,7 @@ question with an empty string while its CE fell; these tests read what a user re
 of `eval/spatial_qa_answers_step<N>.jsonl` is non-empty and parses as its family's type (a number for
 numeric families, an option letter for choice families), and every family has its baseline beside it.
 The fast test shortens the runs (steps, held-out questions); `test_readme_qa_recipe_beats_the_baselines`
-(marked slow: ~45 min on 2 cores, `pytest -m slow tests/test_spatial_qa_answers.py`) runs the README's
+(marked slow: 38 min on 2 cores, `pytest -m slow tests/test_spatial_qa_answers.py`) runs the README's
 commands unchanged and checks the scores the README states.
 """
 import json
