@@ -229,7 +229,7 @@ class DataSource:
     weight: float = 1.0  # mixture weight (normalised over sources)
     data_dir: str = ""  # where the ArrayRecord/tfds files live ('' = <workdir>/data, built on demand)
     synthetic_scenes: tuple[int, int, int] = (512, 32, 32)  # train/validation/test scenes of synthetic sources
-    qa_tasks: tuple[str, ...] = ()  # synthetic_qa: the task families asked ('' = all of spatial_qa.TASKS)
+    qa_tasks: tuple[str, ...] = ()  # synthetic_qa: the task families asked (() = all of spatial_qa.TASKS)
     qa_per_task: int = 1  # synthetic_qa: questions per task family and scene
 
     def validate(self, prefix: str) -> None:
