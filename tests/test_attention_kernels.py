@@ -62,6 +62,25 @@ def test_blockwise_matches_xla_forward_and_gradients(mode, layer):
     assert np.all(np.asarray(grads[0])[padding] == 0.0)
 
 
+@pytest.mark.parametrize("mode, layer", [("global", None), ("frame", None), ("mixed", 1)])
+def test_blockwise_full_tiles_match_xla_forward_and_gradients(mode, layer):
+    """At 4-slot blocks the standard rows have dead, masked and full tiles (every pair allowed: the forward
+    skips the mask there), so all three paths are checked against XLA, forward and gradients."""
+    from g2vlm_jax.model.kernels.blockwise import _prepare, full_blocks, live_blocks
+
+    batch = standard_batch(num_rows=2, views=3)
+    info = MaskInfo.from_batch(batch)
+    q, k, v, w = _qkv(batch.token_ids.shape[1])
+    *_, q_pad, k_pad, layer_arr, plan = _prepare(q, k, v, info, info, mode, layer, 4)
+    live, full = live_blocks(q_pad, k_pad, plan, layer_arr), full_blocks(q_pad, k_pad, plan, layer_arr)
+    assert 0 < int(full.sum()) < int(live.sum()) < live.size  # full, masked and dead tiles all occur
+    ref_out, ref_grads = _out_and_grads("xla", q, k, v, w, info, mode, layer)
+    out, grads = _out_and_grads("blockwise", q, k, v, w, info, mode, layer, block_size=4)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-5)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, err_msg=f"d{name}")
+
+
 def test_blockwise_decoding_queries_against_longer_keys():
     """Queries = 5 trailing slots, keys = the whole row (key_info): block 4 pads the queries, 24 the keys."""
     batch = standard_batch(num_rows=2)
