@@ -11,7 +11,8 @@ from g2vlm_jax.config import ATTENTION_KERNELS
 from g2vlm_jax.model.attention import attention, select_kernel
 from g2vlm_jax.model.mask import MaskInfo, build_mask
 from g2vlm_jax.model.kernels import cudnn
-from g2vlm_jax.model.kernels.blockwise import blockwise_tile_counts, fit_block
+from g2vlm_jax.model.kernels.blockwise import (_prepare, blockwise_tile_counts, fit_block, full_blocks,
+                                                live_blocks)
 from g2vlm_jax.model.kernels.tiles import block_fully_allowed, block_may_attend, pad_info, summarize
 
 MODES = [("global", None), ("frame", None), ("block_causal", None), ("mixed", 0), ("mixed", 1)]
@@ -45,6 +46,13 @@ def _out_and_grads(kernel, q, k, v, w, info, mode, layer, key_info=None, block_s
     return _compiled(kernel, mode, block_size)(q, k, v, w, info, key_info, None if layer is None else jnp.int32(layer))
 
 
+def _assert_close(out, grads, ref_out, ref_grads):
+    """Output and dq/dk/dv equal the reference to 1e-5."""
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-5)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, err_msg=f"d{name}")
+
+
 @pytest.mark.parametrize("mode, layer", MODES)
 def test_blockwise_matches_xla_forward_and_gradients(mode, layer):
     """Packed rows (2 documents, padding, text before/after frames, a semantic image), GQA 4/2,
@@ -54,9 +62,7 @@ def test_blockwise_matches_xla_forward_and_gradients(mode, layer):
     q, k, v, w = _qkv(batch.token_ids.shape[1])
     ref_out, ref_grads = _out_and_grads("xla", q, k, v, w, info, mode, layer)
     out, grads = _out_and_grads("blockwise", q, k, v, w, info, mode, layer)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-5)
-    for name, g, r in zip("qkv", grads, ref_grads):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, err_msg=f"d{name}")
+    _assert_close(out, grads, ref_out, ref_grads)
     padding = np.asarray(batch.document_ids) == 0
     assert padding.any() and np.all(np.asarray(out)[padding] == 0.0)
     assert np.all(np.asarray(grads[0])[padding] == 0.0)
@@ -66,8 +72,6 @@ def test_blockwise_matches_xla_forward_and_gradients(mode, layer):
 def test_blockwise_full_tiles_match_xla_forward_and_gradients(mode, layer):
     """At 4-slot blocks the standard rows have dead, masked and full tiles (every pair allowed: the forward
     skips the mask there), so all three paths are checked against XLA, forward and gradients."""
-    from g2vlm_jax.model.kernels.blockwise import _prepare, full_blocks, live_blocks
-
     batch = standard_batch(num_rows=2, views=3)
     info = MaskInfo.from_batch(batch)
     q, k, v, w = _qkv(batch.token_ids.shape[1])
@@ -76,9 +80,7 @@ def test_blockwise_full_tiles_match_xla_forward_and_gradients(mode, layer):
     assert 0 < int(full.sum()) < int(live.sum()) < live.size  # full, masked and dead tiles all occur
     ref_out, ref_grads = _out_and_grads("xla", q, k, v, w, info, mode, layer)
     out, grads = _out_and_grads("blockwise", q, k, v, w, info, mode, layer, block_size=4)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-5)
-    for name, g, r in zip("qkv", grads, ref_grads):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, err_msg=f"d{name}")
+    _assert_close(out, grads, ref_out, ref_grads)
 
 
 def test_blockwise_decoding_queries_against_longer_keys():
