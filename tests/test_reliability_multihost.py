@@ -26,12 +26,22 @@ def _train_steps(workdir) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"kind": "train"' in line]
 
 
+def _newest_committed_checkpoint(workdir) -> int | None:
+    """The newest checkpoint step whose (asynchronous) save has been committed, or None."""
+    if not (workdir / "checkpoints").exists():
+        return None
+    return ckpt_lib.make_manager(workdir / "checkpoints", C.CheckpointConfig(), read_only=True).latest_step()
+
+
 def test_peer_death_restart_and_restore_on_another_mesh(tmp_path):
     workdir = tmp_path / "run"
-    # 1. A long run; once it has trained past a checkpoint, process 1 dies (SIGKILL).
+    # 1. A long run; once a checkpoint is committed and training has gone past it, process 1 dies (SIGKILL).
+    # (Saves are asynchronous: a logged step 3 does not mean step 2's save has been committed yet.)
     procs = multihost.launch(2, workdir, OVERRIDES + ["optim.total_steps=500"],
                              devices_per_process=DEVICES_PER_PROCESS)
-    multihost.wait_for(lambda: max(_train_steps(workdir), default=0) >= 3, 600, procs, "step 3 of the first run")
+    multihost.wait_for(lambda: (_newest_committed_checkpoint(workdir) or 0) >= 2
+                       and max(_train_steps(workdir), default=0) >= 3, 600, procs,
+                       "a committed checkpoint and step 3 of the first run")
     procs[1].kill()
     killed_at = time.monotonic()
     code = procs[0].wait(timeout=120)
@@ -39,8 +49,7 @@ def test_peer_death_restart_and_restore_on_another_mesh(tmp_path):
     assert code == cli.PEER_FAILURE_EXIT_CODE
     log0 = (workdir / "proc0.log").read_text()
     assert "g2vlm: process 0 of 2 stopped: a peer process died" in log0
-    manager = ckpt_lib.make_manager(workdir / "checkpoints", C.CheckpointConfig(), read_only=True)
-    newest = manager.latest_step()
+    newest = _newest_committed_checkpoint(workdir)
     assert newest is not None and newest >= 2
 
     # 2. Restarting both processes resumes from the newest complete checkpoint and finishes. (The test
