@@ -30,7 +30,11 @@ def _newest_committed_checkpoint(workdir) -> int | None:
     """The newest checkpoint step whose (asynchronous) save has been committed, or None."""
     if not (workdir / "checkpoints").exists():
         return None
-    return ckpt_lib.make_manager(workdir / "checkpoints", C.CheckpointConfig(), read_only=True).latest_step()
+    manager = ckpt_lib.make_manager(workdir / "checkpoints", C.CheckpointConfig(), read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
 
 
 def test_peer_death_restart_and_restore_on_another_mesh(tmp_path):
@@ -39,8 +43,9 @@ def test_peer_death_restart_and_restore_on_another_mesh(tmp_path):
     # (Saves are asynchronous: a logged step 3 does not mean step 2's save has been committed yet.)
     procs = multihost.launch(2, workdir, OVERRIDES + ["optim.total_steps=500"],
                              devices_per_process=DEVICES_PER_PROCESS)
-    multihost.wait_for(lambda: (_newest_committed_checkpoint(workdir) or 0) >= 2
-                       and max(_train_steps(workdir), default=0) >= 3, 600, procs,
+    # The log is read first: the checkpoint directory is only listed once step 3 has been logged.
+    multihost.wait_for(lambda: max(_train_steps(workdir), default=0) >= 3
+                       and (_newest_committed_checkpoint(workdir) or 0) >= 2, 600, procs,
                        "a committed checkpoint and step 3 of the first run")
     procs[1].kill()
     killed_at = time.monotonic()
