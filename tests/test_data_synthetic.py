@@ -2,6 +2,7 @@
 independently from the scene parameters; the tfds builders read back without TensorFlow."""
 import dataclasses
 import re
+import tempfile
 
 import numpy as np
 import pytest
@@ -179,10 +180,14 @@ def test_qa_scene_has_the_same_pixels_and_config_is_validated():
         QAConfig(tasks=("height",))
 
 
-def test_builder_writes_array_record_read_back_by_index(tmp_path):
+def test_builder_writes_array_record_read_back_by_index(tmp_path, monkeypatch):
     cfg = SyntheticConfig(name="unit", height=28, width=42, num_views=3, num_scenes=(4, 2, 2))
+    temp = tmp_path / "system_temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     builder = SyntheticSpatialQa(config=cfg, data_dir=str(tmp_path))
     builder.download_and_prepare()
+    assert not list(temp.iterdir())  # tfds left an empty tmp*tfds directory per builder before LocalDatasetInfo
     assert list(tmp_path.glob("synthetic_spatial_qa/unit/1.0.0/*.array_record*"))
     source = tfds.data_source("synthetic_spatial_qa/unit", split="validation", data_dir=str(tmp_path))
     assert len(source) == 2

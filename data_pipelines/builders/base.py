@@ -25,6 +25,18 @@ from g2vlm_jax.console import progress
 SPLITS = ("train", "validation", "test")
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """DatasetInfo of a dataset built on this machine: there is no pre-computed info to fetch.
+
+    tfds 4.9.10 calls `initialize_from_bucket` whenever a builder is constructed before its data is
+    prepared; with GCS disabled it finds nothing but first makes a `tempfile.mkdtemp("tfds")` directory
+    that it never removes, one per construction (839 empty /tmp/tmp*tfds after a day of runs and tests).
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 class SceneRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A GeneratorBasedBuilder of `records.scene_features()` records written as ArrayRecord."""
 
@@ -57,8 +69,8 @@ class SceneRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         return records.scene_features()
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, description=(self.__doc__ or "").strip(),
-                                     features=self._features(), disable_shuffling=True)
+        return LocalDatasetInfo(builder=self, description=(self.__doc__ or "").strip(),
+                                features=self._features(), disable_shuffling=True)
 
 
 class RowError(ValueError):
