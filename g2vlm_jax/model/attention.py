@@ -1,7 +1,7 @@
 """The shared MoT self-attention: one kernel-agnostic entry point over the mask rule of model/mask.py.
 
-Also the full attention of the encoders and Pi3 decoders (`encoder_layers.attention`), with metadata
-that allows every pair (`MaskInfo.unmasked`): one entry point, the same memory-linear kernels.
+(The encoders' and Pi3 decoders' full attention has no mask to evaluate: `encoder_layers.attention`
+runs it with XLA's fused attention on TPU/GPU and `kernels/full_rows.py` elsewhere.)
 
 Every MoT layer runs ONE softmax over the semantic and geometry tokens of a row together (SPEC 1).
 Which (query, key) pairs may interact is decided by `mask.mask_rule` on per-token metadata

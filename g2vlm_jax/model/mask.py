@@ -98,15 +98,6 @@ class MaskInfo:
     def length(self) -> int:
         return self.seq_order.shape[1]
 
-    @classmethod
-    def unmasked(cls, batch: int, length: int) -> "MaskInfo":
-        """Metadata [batch, length] under which every (query, key) pair of a row is allowed in every
-        geo mode (one document, one bidirectional split, all tokens in geometry frame 0): the full
-        attention of the encoders and Pi3 decoders, run by the same kernels as the MoT stack."""
-        zeros = jnp.zeros((batch, length), jnp.int32)
-        return cls(seq_order=zeros, document_ids=zeros + 1, split_ids=zeros + 1,
-                   split_full=jnp.ones((batch, length), bool), geo_frame=zeros)
-
 
 def check_geo_mode(geo_mode: str, layer_idx) -> None:
     if geo_mode not in GEO_MODES:

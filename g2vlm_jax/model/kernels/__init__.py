@@ -6,4 +6,6 @@
   VMEM; dead tiles skip their matmuls and K/V copies.
 - `cudnn`: cuDNN fused attention through `jax.nn.dot_product_attention` with the packed-row mask
   given as a dense additive bias (GPU, bf16/fp16 only).
+- `full_rows`: not a mask kernel: the encoders' and Pi3 decoders' attention, where every pair is allowed,
+  in tiles of whole key rows (`encoder_layers.attention` on CPU, and on GPUs outside cuDNN's rules).
 """
