@@ -115,3 +115,17 @@ def test_fifty_steps_of_2_to_24_views_give_one_program_per_bucket():
     assert views <= set(buckets) and len(views) >= 3  # several buckets were drawn
     assert len(avals) == len(views)
     assert touch._cache_size() == len(views) <= len(buckets)
+
+
+@pytest.mark.parametrize("label, colour, filled", [("X", (255, 0, 0), False), ("Y", (0, 0, 255), True),
+                                                   ("blue", (0, 0, 255), True), ("green", (0, 200, 0), True),
+                                                   ("A", (255, 0, 0), False)])
+def test_markers_are_drawn_in_their_labels_style(label, colour, filled):
+    """X a red ring, Y a filled blue disc (the two markers of a synthetic question must differ in more than a
+    label the model cannot read at 56 px); SPAR colour labels in their colour; anything else a red ring."""
+    image = np.full((56, 56, 3), 128, np.uint8)
+    drawn = pipeline.draw_markers(image, [(0, 28.0, 40.0, label), (1, 10.0, 10.0, "Y")], view=0)
+    r = round(56 / 14)
+    assert tuple(drawn[40, 28 - r]) == colour  # on the ring / disc edge
+    assert (tuple(drawn[40, 28]) == colour) == filled  # the centre: covered by a disc, seen through a ring
+    assert np.array_equal(drawn[:20, :20], image[:20, :20])  # the other view's marker is not drawn here
