@@ -64,9 +64,10 @@ def builder_name(source: DataSource, data: DataConfig) -> tuple[str, dict]:
         scale = 1.25
         n = source.synthetic_scenes
         name = f"h{int(h * scale)}w{int(w * scale)}v{max(data.max_views, 6)}n{n[0]}-{n[1]}-{n[2]}"
-        qa = QAConfig(tasks=source.qa_tasks or QAConfig.tasks, per_task=source.qa_per_task)
+        qa = QAConfig(tasks=source.qa_tasks or QAConfig.tasks, per_task=source.qa_per_task,
+                      fixed_order=source.qa_fixed_order)
         if qa != QAConfig():  # another question set is another dataset (the name is its cache key)
-            name += f"q{'-'.join(qa.tasks)}x{qa.per_task}"
+            name += f"q{'-'.join(qa.tasks)}x{qa.per_task}" + "".join(f"f{t}" for t in qa.fixed_order)
         cfg = SyntheticConfig(name=name, height=int(h * scale), width=int(w * scale), num_views=max(data.max_views, 6),
                               num_scenes=n, qa=qa)
         return SYNTHETIC_BUILDERS[source.name], {"config": cfg}

@@ -63,10 +63,14 @@ def _qa_config() -> c.ExperimentConfig:
     geometry expert and both encoders train with it (a frozen geometry path is never read), the VG loss
     keeps the geometry tokens geometric, a pack holds many questions (1,536 tokens, two views: ~28
     questions a step; at 384 tokens a pack held one), 1,024 training scenes, ~1,500 steps, and a
-    curriculum: three in four questions come from `marker_row` and `depth` (four of each per scene).
-    `marker_row`'s only cue is where the marked pixel is: it forms the lookup of the marked patch that
-    `depth` then reads through. Without it depth stays at one answer; with every family in equal shares
-    (one question each per scene) marker_row was still one constant answer at step 1,000.
+    curriculum: three in four questions come from `marker_row`, `depth` and `marker_lower` (four of each per
+    scene). `marker_row`'s only cue is where the marked pixel is: it forms the lookup of the marked patch that
+    `depth` then reads through; without it depth stays at one answer. `marker_lower` ("which marked point is
+    lower, X or Y?") compares two lookups, which `closer` needs: closer keeps its options in a fixed order (X's
+    object first, `qa_fixed_order`) so that its letter is the same comparison, and the two markers differ in
+    colour and shape (`pipeline.MARKER_STYLES`). With both, closer went from one constant answer (0.47 against
+    0.505) to 0.63; camera_motion, which the recipe before answered at 0.48 against 0.38 on the code before the
+    encoders' whole-row attention, is at its constant in both recipes now (issue #18).
     """
     base = get_config("")
     # Blockwise attention in 64-slot tiles: a 1,536-slot pack holds ~28 short questions and the kernel skips
@@ -76,8 +80,10 @@ def _qa_config() -> c.ExperimentConfig:
                          attention_block_size=64)
     # 256 held-out scenes give >= 200 questions of every task family (eval.qa_per_task): at 50 a family the
     # scores moved by up to 0.06 between question sets (one model: depth 0.46 vs 0.38 on 50, 0.44 vs 0.42 on 200).
-    every_family = c.DataSource(name="synthetic_qa", kind="recon_qa", synthetic_scenes=(1024, 256, 16))
-    lookup = dataclasses.replace(every_family, weight=3.0, qa_tasks=("depth", "marker_row"), qa_per_task=4)
+    every_family = c.DataSource(name="synthetic_qa", kind="recon_qa", synthetic_scenes=(1024, 256, 16),
+                                qa_fixed_order=("closer",))
+    lookup = dataclasses.replace(every_family, weight=3.0, qa_tasks=("depth", "marker_row", "marker_lower"),
+                                 qa_per_task=4)
     data = dataclasses.replace(base.data, sources=(lookup, every_family), eval_sources=(every_family,),
                                view_buckets=(2,), min_views=2, max_views=2, tokens_per_pack=1536)
     return dataclasses.replace(

@@ -231,6 +231,7 @@ class DataSource:
     synthetic_scenes: tuple[int, int, int] = (512, 32, 32)  # train/validation/test scenes of synthetic sources
     qa_tasks: tuple[str, ...] = ()  # synthetic_qa: the task families asked (() = all of spatial_qa.TASKS)
     qa_per_task: int = 1  # synthetic_qa: questions per task family and scene
+    qa_fixed_order: tuple[str, ...] = ()  # synthetic_qa: choice families whose options are not shuffled
 
     def validate(self, prefix: str) -> None:
         from data_pipelines.synthetic.spatial_qa import TASKS  # imported here: data_pipelines imports this module

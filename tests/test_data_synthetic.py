@@ -150,9 +150,14 @@ def _check(qa, scene, layout):
         assert min(abs(row - 0.25), abs(row - 0.75)) >= 0.03  # an augmentation crop cannot move it across
         assert qa.choices == ("A. top", "B. upper middle", "C. lower middle", "D. bottom")
         assert qa.answer == "ABCD"[int(row * 4)]
+    elif qa.task == "marker_lower":  # the marked pixel lower in the image (larger row), X listed first
+        (_, _, row_x, _), (_, _, row_y, _) = qa.markers
+        assert abs(row_x - row_y) >= 0.1 * scene.images.shape[1]
+        assert qa.choices == ("A. the point marked X", "B. the point marked Y")
+        assert qa.answer == ("A" if row_x > row_y else "B")
     for view, u, v, label in qa.markers:  # a marker sits on its object: unproject it with the depth map
         p = _world_points(scene, view)[int(v), int(u)]
-        on = [objs[label]] if label in objs else layout.objects  # marker_row does not name the object
+        on = [objs[label]] if label in objs else layout.objects  # marker_row/_lower do not name the object
         assert any(np.linalg.norm(p - o.center) <= np.linalg.norm(o.extent) + 1e-4 for o in on)
 
 
@@ -166,7 +171,8 @@ def test_spatial_qa_answers_match_the_scene_geometry():
             if qa.answer_type == "choice":
                 assert qa.answer in "ABCD" and f"\n{qa.answer}. " in qa.question
             tasks[qa.task] = tasks.get(qa.task, 0) + 1
-    assert set(tasks) == {"distance", "depth", "closer", "count", "direction", "camera_motion", "marker_row"}
+    assert set(tasks) == {"distance", "depth", "closer", "count", "direction", "camera_motion", "marker_row",
+                          "marker_lower"}
     assert min(tasks.values()) >= 6
 
 
@@ -203,8 +209,8 @@ def test_builder_writes_array_record_read_back_by_index(tmp_path, monkeypatch):
 
 
 def test_a_source_asks_the_families_it_lists():
-    """DataSource.qa_tasks / qa_per_task choose the questions of a synthetic_qa source (the tiny QA recipe's
-    curriculum source); another question set is another dataset, and an unknown family is refused by name."""
+    """DataSource.qa_tasks / qa_per_task / qa_fixed_order choose the questions of a synthetic_qa source (the
+    tiny QA recipe's sources); another question set is another dataset, and an unknown family is refused by name."""
     from data_pipelines import pipeline
     from g2vlm_jax import config as C
 
@@ -217,7 +223,39 @@ def test_a_source_asks_the_families_it_lists():
              for i in range(4)]
     assert {t for scene in tasks for t in scene} == {"depth", "marker_row"}
     assert max(scene.count("depth") for scene in tasks) == 3 and max(scene.count("marker_row") for scene in tasks) == 3
+    fixed_cfg = pipeline.builder_name(dataclasses.replace(every, qa_fixed_order=("closer",)), data)[1]["config"]
+    assert fixed_cfg.qa == QAConfig(fixed_order=("closer",)) and fixed_cfg.name not in (every_cfg.name, subset_cfg.name)
+    with pytest.raises(ValueError, match=r"unknown tasks \['nearer'\]"):
+        QAConfig(fixed_order=("nearer",))
     with pytest.raises(C.ConfigError, match=r"data.sources\[0\].qa_tasks.*unknown task families \['height'\]"):
         dataclasses.replace(every, qa_tasks=("height",)).validate("data.sources[0].")
     with pytest.raises(C.ConfigError, match=r"data.sources\[0\].qa_per_task"):
         dataclasses.replace(every, qa_per_task=0).validate("data.sources[0].")
+
+
+def test_fixed_option_order_gives_each_letter_one_meaning():
+    """QAConfig.fixed_order (tiny_synthetic:qa fixes closer's): closer lists the object marked X first,
+    direction and camera_motion list their options in one order, and the answers still follow the geometry
+    with more than one letter in use. By default every family shuffles (the built-in tokenizer's text)."""
+    from data_pipelines.synthetic.spatial_qa import _DIRECTIONS, _MOVES, _TURNS
+
+    letters, x_second = {}, 0
+    for index in range(16):
+        fixed = synthetic_qa_scene("train", index, CFG, QAConfig(fixed_order=("closer", "direction", "camera_motion")))
+        for qa in fixed.scene.qa:
+            _check(qa, fixed.scene, fixed.layout)
+            letters.setdefault(qa.task, set()).add(qa.answer)
+            names = dict((label, name) for name, label in re.findall(r"the (\w+ \w+) \(marked (\w)\)", qa.question))
+            if qa.task == "closer":
+                assert qa.choices == (f"A. the {names['X']}", f"B. the {names['Y']}")
+            elif qa.task == "direction":
+                assert qa.choices == tuple(f"{'ABCD'[i]}. {d} the {names['X']}" for i, d in enumerate(_DIRECTIONS))
+            elif qa.task == "camera_motion":
+                options = _MOVES if len(qa.choices) == 4 else _TURNS
+                assert qa.choices == tuple(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
+        shuffled = synthetic_qa_scene("train", index, CFG).scene.qa
+        x_second += sum(q.task == "closer" and "(marked X)" in q.question and
+                        re.search(r"the (\w+ \w+) \(marked X\)", q.question).group(1) not in q.choices[0]
+                        for q in shuffled)
+    assert all(len(letters[t]) >= 2 for t in ("closer", "direction", "camera_motion")), letters
+    assert x_second > 0  # the default order is random

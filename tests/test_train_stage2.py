@@ -41,7 +41,7 @@ def test_spatial_qa_report_and_eval_command(qa_run):
     per_task = report["per_task"]
     # Every task family of the generator, up to eval.qa_per_task (2) questions each, with its baseline.
     assert set(per_task) == {"distance", "depth", "closer", "count", "direction", "camera_motion",
-                            "marker_row"}
+                            "marker_row", "marker_lower"}
     assert all(1 <= t["count"] <= cfg.eval.qa_per_task == 2 for t in per_task.values())
     assert report["num_questions"] == sum(t["count"] for t in per_task.values())
     assert 0.0 <= report["overall"] <= 1.0 and 0.0 <= report["overall_baseline"] <= 1.0

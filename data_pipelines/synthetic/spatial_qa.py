@@ -14,6 +14,9 @@ Task families (QAPair.task):
                           bottom, options in that order) holds the point marked X: answered only by
                           finding the marked pixel, the lookup every marked question needs (the tiny
                           model's curriculum: without it, it never learns to read a marked object)
+  marker_lower   choice   which of two marked points of image 1 is lower in the image, X or Y (options
+                          in that order; the rows differ by >= 0.1 H): the comparison of two lookups that
+                          `closer` needs (a lower marked object is the closer one for 94 % of them)
 
 Objects are named by colour and shape ("the red box"; each (colour, shape) is unique in a scene)
 and marked with a point (QAPair.markers: scene view, u, v, label 'X'/'Y', never an option letter) on a
@@ -32,7 +35,7 @@ import numpy as np
 from data_pipelines.scene import QAPair, Scene
 from data_pipelines.synthetic.render import SHAPES, SPLIT_CODES, RenderConfig, RenderedScene, render_scene
 
-TASKS = ("distance", "depth", "closer", "count", "direction", "camera_motion", "marker_row")
+TASKS = ("distance", "depth", "closer", "count", "direction", "camera_motion", "marker_row", "marker_lower")
 _LETTERS = "ABCDEF"
 _NUMERIC_SUFFIX = " Answer with a number in metres."
 
@@ -45,9 +48,13 @@ class QAConfig:
     per_task: int = 1  # questions per task family and scene (fewer when a scene cannot support them)
     min_pixels: int = 12  # an object is visible in a view when it covers at least this many pixels
     min_gap: float = 0.3  # metres: the smallest depth/offset difference a choice question relies on
+    # Choice families whose options keep the order the generator writes them in instead of a random one (as
+    # benchmarks do): closer lists the object marked X first, direction and camera_motion their options as in
+    # _DIRECTIONS / _MOVES / _TURNS, so a letter always means the same thing. marker_row is always in order.
+    fixed_order: tuple[str, ...] = ()
 
     def __post_init__(self):
-        unknown = sorted(set(self.tasks) - set(TASKS))
+        unknown = sorted((set(self.tasks) | set(self.fixed_order)) - set(TASKS))
         if unknown:
             raise ValueError(f"QAConfig.tasks: unknown tasks {unknown}; known tasks are {list(TASKS)}")
 
@@ -87,7 +94,9 @@ class _Context:
                for a, b in itertools.permutations(np.flatnonzero(self.visible[v]).tolist(), 2)]
         return [out[i] for i in self.rng.permutation(len(out))]
 
-    def choice(self, task, question, options, correct, views, markers, shuffle: bool = True) -> QAPair:
+    def choice(self, task, question, options, correct, views, markers, shuffle: bool | None = None) -> QAPair:
+        """A choice question; options shuffled unless `task` is in `QAConfig.fixed_order` or `shuffle` says."""
+        shuffle = task not in self.cfg.fixed_order if shuffle is None else shuffle
         order = self.rng.permutation(len(options)) if shuffle else np.arange(len(options))
         choices = tuple(f"{_LETTERS[i]}. {options[j]}" for i, j in enumerate(order))
         text = question + "\n" + "\n".join(choices) + "\nAnswer with the option's letter."
@@ -169,6 +178,10 @@ def _direction(ctx: _Context) -> QAPair | None:
     return None
 
 
+_MOVES = ("moved forward", "moved backward", "moved left", "moved right")
+_TURNS = ("turned left", "turned right")
+
+
 def relative_motion(c2w_i: np.ndarray, c2w_j: np.ndarray) -> tuple[np.ndarray, float]:
     """(translation float64[3] of camera j's centre in camera i's frame, yaw in radians of j's viewing
     direction relative to i's about i's vertical axis; positive = turned right)."""
@@ -187,11 +200,11 @@ def _camera_motion(ctx: _Context) -> QAPair | None:
         dx, dz = move[0], move[2]
         candidates = []
         if abs(dz) >= max(2 * abs(dx), ctx.cfg.min_gap):
-            candidates.append((["moved forward", "moved backward", "moved left", "moved right"], 0 if dz > 0 else 1))
+            candidates.append((list(_MOVES), 0 if dz > 0 else 1))
         if abs(dx) >= max(2 * abs(dz), ctx.cfg.min_gap):
-            candidates.append((["moved forward", "moved backward", "moved left", "moved right"], 2 if dx < 0 else 3))
+            candidates.append((list(_MOVES), 2 if dx < 0 else 3))
         if abs(yaw) >= np.radians(15):
-            candidates.append((["turned left", "turned right"], 1 if yaw > 0 else 0))
+            candidates.append((list(_TURNS), 1 if yaw > 0 else 0))
         if candidates:
             options, correct = candidates[ctx.rng.integers(len(candidates))]
             kind = "move" if len(options) == 4 else "turn"
@@ -220,8 +233,19 @@ def _marker_row(ctx: _Context) -> QAPair | None:
     return None
 
 
+def _marker_lower(ctx: _Context) -> QAPair | None:
+    for v, a, b in ctx.pairs_in_one_view():
+        ma, mb = ctx.marker(a, v, "X"), ctx.marker(b, v, "Y")
+        if abs(ma[2] - mb[2]) >= 0.1 * ctx.ids[v].shape[0]:
+            q = "In image 1, which marked point is lower in the image?"
+            return ctx.choice("marker_lower", q, ["the point marked X", "the point marked Y"],
+                              0 if ma[2] > mb[2] else 1, (v,), (ma, mb), shuffle=False)
+    return None
+
+
 _GENERATORS = {"distance": _distance, "depth": _depth, "closer": _closer, "count": _count,
-               "direction": _direction, "camera_motion": _camera_motion, "marker_row": _marker_row}
+               "direction": _direction, "camera_motion": _camera_motion, "marker_row": _marker_row,
+               "marker_lower": _marker_lower}
 
 
 def make_spatial_qa(rendered: RenderedScene, cfg: QAConfig, rng: np.random.Generator) -> tuple[QAPair, ...]:
