@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 
+from data_pipelines.synthetic import spatial_qa
 from g2vlm_jax import config as C
 from g2vlm_jax import evaluation
 from g2vlm_jax import sharding
@@ -54,8 +55,9 @@ def test_two_processes_write_the_one_process_report(tmp_path):
     single = json.loads(json.dumps(evaluation.run_evaluators(spec, cfg, state, cfg.run_dir, step=0,
                                                              write_pictures=True), default=float))
 
-    # qa_test: eval.qa_per_task = 2 questions of each of the 7 task families.
-    assert single["reconstruction"]["num_samples"] >= 4 and single["spatial_qa"]["num_questions"] == 2 * 7
+    # qa_test: eval.qa_per_task = 2 questions of each task family of the generator.
+    assert single["reconstruction"]["num_samples"] >= 4 \
+        and single["spatial_qa"]["num_questions"] == 2 * len(spatial_qa.TASKS)
     expected = flatten_scalars(single)
     for report in reports:  # every process returns the whole report
         got = flatten_scalars(report)
