@@ -136,13 +136,11 @@ def _marker_font(size: int) -> ImageFont.FreeTypeFont:
 # X a red ring, Y a filled blue disc: drawn as two red rings (or red and magenta) the tiny model could not tell
 # which marked point was which ("which marked point is lower, X or Y?": 0.57-0.62 against 0.545 for the best
 # constant; 0.73 with these markers, issue #18). SPAR-style labels name their colour ('red', 'blue', ... from
-# the official '<colour>_point' metadata): those are drawn as filled dots of that colour, the default style a
-# red ring.
+# the official '<colour>_point' metadata): those are drawn as filled dots of that colour; any other label as X.
 MARKER_STYLES = {"X": ((255, 0, 0), False), "Y": ((0, 0, 255), True)}
 NAMED_COLOURS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
                  "orange": (255, 128, 0), "purple": (128, 0, 200), "magenta": (255, 0, 255), "pink": (255, 105, 180),
                  "cyan": (0, 255, 255), "black": (0, 0, 0), "white": (255, 255, 255)}
-DEFAULT_MARKER_STYLE = ((255, 0, 0), False)
 
 
 def marker_style(label: str) -> tuple[tuple[int, int, int], bool]:
@@ -150,7 +148,7 @@ def marker_style(label: str) -> tuple[tuple[int, int, int], bool]:
     if label in MARKER_STYLES:
         return MARKER_STYLES[label]
     colour = NAMED_COLOURS.get(str(label).lower())
-    return (colour, True) if colour is not None else DEFAULT_MARKER_STYLE
+    return (colour, True) if colour is not None else MARKER_STYLES["X"]
 
 
 def draw_markers(image: np.ndarray, markers, view: int) -> np.ndarray:
@@ -166,10 +164,7 @@ def draw_markers(image: np.ndarray, markers, view: int) -> np.ndarray:
     font = _marker_font(max(8, 2 * r))
     for _, u, v, label in mine:
         colour, filled = marker_style(label)
-        if filled:
-            draw.ellipse([u - r, v - r, u + r, v + r], fill=colour)
-        else:
-            draw.ellipse([u - r, v - r, u + r, v + r], outline=colour, width=max(1, r // 2))
+        draw.ellipse([u - r, v - r, u + r, v + r], fill=colour if filled else None, outline=colour, width=max(1, r // 2))
         draw.text((u + r, v - 3 * r), str(label), fill=colour, font=font)
     return np.asarray(pil)
 
