@@ -167,6 +167,11 @@ def test_spatial_qa_answers_match_the_scene_geometry():
         rendered = synthetic_qa_scene("train", index, CFG)
         for qa in rendered.scene.qa:
             _check(qa, rendered.scene, rendered.layout)
+            if qa.task == "count":  # the one or two views asked about show every object counted (>= 12 pixels)
+                shape = {"boxes": "box", "spheres": "sphere", "cylinders": "cylinder"}[qa.question.split()[2]]
+                members = [k for k, o in enumerate(rendered.layout.objects) if o.shape == shape]
+                assert len(qa.views) <= 2 and all(any((rendered.object_ids[v] == k).sum() >= 12 for v in qa.views)
+                                                  for k in members)
             assert all(0 <= v < CFG.num_views for v in qa.views)
             if qa.answer_type == "choice":
                 assert qa.answer in "ABCD" and f"\n{qa.answer}. " in qa.question
@@ -194,7 +199,7 @@ def test_builder_writes_array_record_read_back_by_index(tmp_path, monkeypatch):
     builder = SyntheticSpatialQa(config=cfg, data_dir=str(tmp_path))
     builder.download_and_prepare()
     assert not list(temp.iterdir())  # tfds left an empty tmp*tfds directory per builder before LocalDatasetInfo
-    assert list(tmp_path.glob("synthetic_spatial_qa/unit/1.0.0/*.array_record*"))
+    assert list(tmp_path.glob("synthetic_spatial_qa/unit/1.1.0/*.array_record*"))
     source = tfds.data_source("synthetic_spatial_qa/unit", split="validation", data_dir=str(tmp_path))
     assert len(source) == 2
     for i in (1, 0):  # random access, record i is scene i

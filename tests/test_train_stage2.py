@@ -8,6 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from data_pipelines.synthetic import spatial_qa as qa_generator
 from g2vlm_jax import cli
 from g2vlm_jax import config as C
 from g2vlm_jax import evaluation
@@ -40,8 +41,7 @@ def test_spatial_qa_report_and_eval_command(qa_run):
     report = result.eval_report["spatial_qa"]
     per_task = report["per_task"]
     # Every task family of the generator, up to eval.qa_per_task (2) questions each, with its baseline.
-    assert set(per_task) == {"distance", "depth", "closer", "count", "direction", "camera_motion",
-                            "marker_row", "marker_lower"}
+    assert set(per_task) == set(qa_generator.TASKS)
     assert all(1 <= t["count"] <= cfg.eval.qa_per_task == 2 for t in per_task.values())
     assert report["num_questions"] == sum(t["count"] for t in per_task.values())
     assert 0.0 <= report["overall"] <= 1.0 and 0.0 <= report["overall_baseline"] <= 1.0

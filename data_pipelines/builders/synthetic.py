@@ -73,7 +73,15 @@ class SyntheticScenes(_SyntheticBase):
 
 
 class SyntheticSpatialQa(_SyntheticBase):
-    """The scenes of synthetic_scenes with spatial questions whose answers are exact."""
+    """The scenes of synthetic_scenes with spatial questions whose answers are exact.
+
+    A new version whenever the generator asks other questions under the same config, so that data prepared
+    before is rebuilt instead of read back (tfds keeps each version in its own folder)."""
+
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "count asks about the one or two views that show every object it counts (was: all "
+                              "views, of which a two-view sample could miss some)."}
 
     def _scene(self, split: str, index: int):
         cfg = self.settings

@@ -4,8 +4,8 @@ Task families (QAPair.task):
   distance       numeric  distance (m) between the centres of two objects
   depth          numeric  camera z (m) of an object's centre in one view
   closer         choice   which of two objects has the smaller centre depth in one view
-  count          numeric  how many objects of a shape the room holds (asked only when every one of
-                          them is visible in some view, so the images determine the answer)
+  count          numeric  how many objects of a shape the room holds, asked about the one or two views
+                          that together show every one of them (so two views determine the answer)
   direction      choice   where object B is relative to object A from a view: left / right
                           (camera x) or in front / behind (camera z), asked only when one axis dominates
   camera_motion  choice   from image 1 to image 2: moved forward / backward / left / right (camera-1
@@ -142,18 +142,30 @@ def _closer(ctx: _Context) -> QAPair | None:
     return None
 
 
+def _covering_views(ctx: _Context, members: list[int]) -> tuple[int, ...] | None:
+    """The fewest views (one or two) that together show every object in `members`, most pixels of them first;
+    None when no two views do. Deterministic (no random draw), so the families after it ask what they did."""
+    n = len(ctx.ids)
+    for size in (1, 2):
+        covers = [vs for vs in itertools.combinations(range(n), size) if ctx.visible[list(vs)][:, members].any(0).all()]
+        if covers:
+            return max(covers, key=lambda vs: int(ctx.pixels[list(vs)][:, members].sum()))
+    return None
+
+
 def _count(ctx: _Context) -> QAPair | None:
-    seen = ctx.visible.any(axis=0)
-    shapes = [s for s in SHAPES
-              if any(o.shape == s for o in ctx.layout.objects)
-              and all(seen[k] for k, o in enumerate(ctx.layout.objects) if o.shape == s)]
+    # Asked about the one or two views that show every object of the shape, which a sampler puts first: a
+    # model shown two views of the six must be able to see every object it counts.
+    covering = {s: _covering_views(ctx, [k for k, o in enumerate(ctx.layout.objects) if o.shape == s])
+                for s in SHAPES if any(o.shape == s for o in ctx.layout.objects)}
+    shapes = [s for s in SHAPES if covering.get(s) is not None]
     if not shapes:
         return None
     shape = shapes[ctx.rng.integers(len(shapes))]
     count = sum(o.shape == shape for o in ctx.layout.objects)
     plural = {"box": "boxes", "sphere": "spheres", "cylinder": "cylinders"}[shape]
     q = f"How many {plural} are there in the room shown in these images? Answer with a number."
-    return QAPair(q, str(count), "numeric", "count", (), tuple(range(ctx.scene.num_views)), ())
+    return QAPair(q, str(count), "numeric", "count", (), covering[shape], ())
 
 
 _DIRECTIONS = ("to the left of", "to the right of", "in front of (closer to the camera than)",
