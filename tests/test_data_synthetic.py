@@ -113,7 +113,8 @@ def _option(qa, letter):
     return next(c for c in qa.choices if c.startswith(letter + ". "))[3:]
 
 
-def _check(qa, scene, layout):
+def _check(qa, rendered):
+    scene, layout = rendered.scene, rendered.layout
     marked = dict(re.findall(r"the (\w+ \w+) \(marked (\w)\)", qa.question))
     objs = {label: _object(layout, name) for name, label in marked.items()}
     if qa.task == "distance":
@@ -128,6 +129,10 @@ def _check(qa, scene, layout):
         plural = re.search(r"How many (\w+)", qa.question).group(1)
         shape = {"boxes": "box", "spheres": "sphere", "cylinders": "cylinder"}[plural]
         assert int(qa.answer) == sum(o.shape == shape for o in layout.objects)
+        # the one or two views asked about show every object counted (>= 12 pixels in one of them)
+        members = [k for k, o in enumerate(layout.objects) if o.shape == shape]
+        assert len(qa.views) <= 2 and all(any((rendered.object_ids[v] == k).sum() >= 12 for v in qa.views)
+                                          for k in members)
     elif qa.task == "direction":
         a, b = (_cam(scene.c2w[qa.views[0]], objs[k].center) for k in "XY")
         dx, dz = b[0] - a[0], b[2] - a[2]
@@ -166,12 +171,7 @@ def test_spatial_qa_answers_match_the_scene_geometry():
     for index in range(12):
         rendered = synthetic_qa_scene("train", index, CFG)
         for qa in rendered.scene.qa:
-            _check(qa, rendered.scene, rendered.layout)
-            if qa.task == "count":  # the one or two views asked about show every object counted (>= 12 pixels)
-                shape = {"boxes": "box", "spheres": "sphere", "cylinders": "cylinder"}[qa.question.split()[2]]
-                members = [k for k, o in enumerate(rendered.layout.objects) if o.shape == shape]
-                assert len(qa.views) <= 2 and all(any((rendered.object_ids[v] == k).sum() >= 12 for v in qa.views)
-                                                  for k in members)
+            _check(qa, rendered)
             assert all(0 <= v < CFG.num_views for v in qa.views)
             if qa.answer_type == "choice":
                 assert qa.answer in "ABCD" and f"\n{qa.answer}. " in qa.question
@@ -248,7 +248,7 @@ def test_fixed_option_order_gives_each_letter_one_meaning():
     for index in range(16):
         fixed = synthetic_qa_scene("train", index, CFG, QAConfig(fixed_order=("closer", "direction", "camera_motion")))
         for qa in fixed.scene.qa:
-            _check(qa, fixed.scene, fixed.layout)
+            _check(qa, fixed)
             letters.setdefault(qa.task, set()).add(qa.answer)
             names = dict((label, name) for name, label in re.findall(r"the (\w+ \w+) \(marked (\w)\)", qa.question))
             if qa.task == "closer":
