@@ -49,14 +49,16 @@ def test_spatial_qa_report_and_eval_command(qa_run):
     answers = [json.loads(line) for line in (result.workdir / "eval" / "spatial_qa_answers_step16.jsonl")
                .read_text().splitlines()]
     assert len(answers) == report["num_questions"]
-    for ex in answers:
+    for ex in answers:  # the geometric families also carry the geometry read-out's answer
+        readout = {"readout_answer", "readout_score"} if ex["task"] in qa_generator.GEOMETRY_TASKS else set()
         assert set(ex) == {"task", "answer_type", "question", "answer", "prediction", "score", "baseline_answer",
-                           "baseline_score"}
+                           "baseline_score"} | readout
     # `g2vlm eval` on the checkpoint reproduces the same report (greedy decoding is deterministic).
     assert cli.main(["eval", "--experiment", str(ROOT / "experiments/tiny_synthetic.py:qa_test"),
                      "--set", f"workdir={result.workdir}", "--checkpoint", str(result.workdir)]) == 0
     again = json.loads((result.workdir / "eval" / "report.json").read_text())["spatial_qa"]
     assert again["overall"] == pytest.approx(report["overall"], abs=1e-6)
+    assert again["readout_scale"] == pytest.approx(report["readout_scale"])
     assert [e["prediction"] for e in again["examples"]] == [e["prediction"] for e in report["examples"]]
     assert (result.workdir / "eval" / "qa_accuracy.png").stat().st_size > 1000
 

@@ -172,17 +172,23 @@ _DIRECTIONS = ("to the left of", "to the right of", "in front of (closer to the 
                "behind (farther from the camera than)")
 
 
+def _direction_option(offset) -> int:
+    """Index in _DIRECTIONS of a camera-frame offset float[3] from X's object to Y's: the dominant axis of
+    camera x (left / right) and z (in front / behind)."""
+    dx, dz = offset[0], offset[2]
+    if abs(dx) >= abs(dz):
+        return 0 if dx < 0 else 1
+    return 2 if dz < 0 else 3
+
+
 def _direction(ctx: _Context) -> QAPair | None:
     for v, a, b in ctx.pairs_in_one_view():
         pa = camera_coords(ctx.scene.c2w[v], ctx.layout.objects[a].center)
         pb = camera_coords(ctx.scene.c2w[v], ctx.layout.objects[b].center)
         dx, dz = pb[0] - pa[0], pb[2] - pa[2]
-        if abs(dx) >= max(2 * abs(dz), ctx.cfg.min_gap):
-            correct = 0 if dx < 0 else 1
-        elif abs(dz) >= max(2 * abs(dx), ctx.cfg.min_gap):
-            correct = 2 if dz < 0 else 3
-        else:
-            continue
+        if max(abs(dx), abs(dz)) < max(2 * min(abs(dx), abs(dz)), ctx.cfg.min_gap):
+            continue  # asked only when one axis dominates by 2x and by min_gap
+        correct = _direction_option(pb - pa)
         q = (f"In image 1, from the camera's viewpoint, where is {ctx.name(b)} (marked Y) relative to "
              f"{ctx.name(a)} (marked X)?")
         return ctx.choice("direction", q, [f"{d} {ctx.name(a)}" for d in _DIRECTIONS], correct, (v,),
@@ -192,6 +198,19 @@ def _direction(ctx: _Context) -> QAPair | None:
 
 _MOVES = ("moved forward", "moved backward", "moved left", "moved right")
 _TURNS = ("turned left", "turned right")
+
+
+def _move_option(move) -> int:
+    """Index in _MOVES of camera 2's centre float[3] in camera 1's frame: the dominant of z and x."""
+    dx, dz = move[0], move[2]
+    if abs(dz) >= abs(dx):
+        return 0 if dz > 0 else 1
+    return 2 if dx < 0 else 3
+
+
+def _turn_option(yaw: float) -> int:
+    """Index in _TURNS of a yaw (radians, positive = turned right)."""
+    return 1 if yaw > 0 else 0
 
 
 def relative_motion(c2w_i: np.ndarray, c2w_j: np.ndarray) -> tuple[np.ndarray, float]:
@@ -211,12 +230,10 @@ def _camera_motion(ctx: _Context) -> QAPair | None:
         move, yaw = relative_motion(ctx.scene.c2w[i], ctx.scene.c2w[j])
         dx, dz = move[0], move[2]
         candidates = []
-        if abs(dz) >= max(2 * abs(dx), ctx.cfg.min_gap):
-            candidates.append((list(_MOVES), 0 if dz > 0 else 1))
-        if abs(dx) >= max(2 * abs(dz), ctx.cfg.min_gap):
-            candidates.append((list(_MOVES), 2 if dx < 0 else 3))
+        if max(abs(dx), abs(dz)) >= max(2 * min(abs(dx), abs(dz)), ctx.cfg.min_gap):
+            candidates.append((list(_MOVES), _move_option(move)))
         if abs(yaw) >= np.radians(15):
-            candidates.append((list(_TURNS), 1 if yaw > 0 else 0))
+            candidates.append((list(_TURNS), _turn_option(yaw)))
         if candidates:
             options, correct = candidates[ctx.rng.integers(len(candidates))]
             kind = "move" if len(options) == 4 else "turn"
@@ -258,6 +275,60 @@ def _marker_lower(ctx: _Context) -> QAPair | None:
 _GENERATORS = {"distance": _distance, "depth": _depth, "closer": _closer, "count": _count,
                "direction": _direction, "camera_motion": _camera_motion, "marker_row": _marker_row,
                "marker_lower": _marker_lower}
+
+
+# --------------------------------------------------------------------------------------------------
+# The same rules on another geometry (a model's reconstruction)
+# --------------------------------------------------------------------------------------------------
+# Families whose answer follows from where the marked points and the cameras are; count needs objects told
+# apart, and marker_row / marker_lower are answered by the marked pixels alone (no geometry).
+GEOMETRY_TASKS = ("distance", "depth", "closer", "direction", "camera_motion")
+LENGTH_TASKS = ("distance", "depth")  # of those, the ones answered in metres (`length_from_geometry`)
+
+
+def _letter(qa: QAPair, option: str) -> str:
+    """The letter of the choice of `qa` whose text starts with `option`."""
+    for choice in qa.choices:
+        if choice[3:].startswith(option):
+            return choice[0]
+    raise ValueError(f"{qa.task}: no choice of {qa.choices} starts with {option!r}")
+
+
+def length_from_geometry(qa: QAPair, marked: dict[str, np.ndarray]) -> float | None:
+    """The length a depth or distance question asks for, measured between the marked points `marked`
+    ({label: float[3]} in image 1's camera frame, in that geometry's unit); None for other families."""
+    if qa.task == "depth":
+        return float(marked["X"][2])
+    if qa.task == "distance":
+        return float(np.linalg.norm(marked["X"] - marked["Y"]))
+    return None
+
+
+def answer_from_geometry(qa: QAPair, marked: dict[str, np.ndarray], motion: tuple[np.ndarray, float] | None,
+                         scale: float = 1.0) -> str | None:
+    """The answer this module's rules give to `qa` when the scene's geometry is replaced by another one.
+
+    marked: {label: float[3]}, each marked point in the camera frame of image 1 (e.g. a model's point map
+    read at the marker pixels); motion: (centre float[3], yaw) of camera 2 in camera 1's frame, as
+    `relative_motion` gives it (None with one image); scale: metres per unit of that geometry (lengths are
+    multiplied by it). Where the generator measures objects' centres, this measures the marked points, which lie
+    on the objects' surfaces, and it picks the dominant axis where the generator asked only clear cases.
+    None for the families outside GEOMETRY_TASKS.
+    """
+    length = length_from_geometry(qa, marked)
+    if length is not None:
+        return f"{scale * length:.2f}"
+    if qa.task == "closer":  # options are the two objects' names; X's is in the question before "(marked X)"
+        name_x = qa.question.split("closer to the camera: ", 1)[1].split(" (marked X)", 1)[0]
+        name_y = qa.question.split(" (marked X) or ", 1)[1].split(" (marked Y)", 1)[0]
+        return _letter(qa, name_x if marked["X"][2] < marked["Y"][2] else name_y)
+    if qa.task == "direction":
+        return _letter(qa, _DIRECTIONS[_direction_option(marked["Y"] - marked["X"])])
+    if qa.task == "camera_motion":
+        move, yaw = motion
+        turn = any(c[3:] in _TURNS for c in qa.choices)
+        return _letter(qa, _TURNS[_turn_option(yaw)] if turn else _MOVES[_move_option(move)])
+    return None
 
 
 def make_spatial_qa(rendered: RenderedScene, cfg: QAConfig, rng: np.random.Generator) -> tuple[QAPair, ...]:

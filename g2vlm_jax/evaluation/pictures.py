@@ -6,7 +6,7 @@
   and the absolute relative error |d̂ − d| / d with its own bar;
 - `trajectory_<i>.png`: top-down (x-z) camera centres, numbered, with viewing directions, GT vs the
   prediction after Sim(3) alignment of the camera centres; the axes hold every camera and arrow;
-- `qa_accuracy.png`: the spatial-QA score per task family as a table, with the step.
+- `qa_accuracy.png`: the spatial-QA score per task family beside its baseline and geometry read-out, as a table.
 Every picture's title carries the step it was drawn at. The trainer also logs them to TensorBoard.
 """
 from __future__ import annotations
@@ -109,12 +109,19 @@ def reconstruction_pictures(examples: list, out_dir: pathlib.Path, step: int) ->
 
 
 def accuracy_table(qa_report: dict, out_dir: pathlib.Path, step: int) -> list[str]:
-    """Writes `qa_accuracy.png`: one row per task family with its metric and sample count."""
-    rows = [(task, f"{v['score']:.3f}", v["metric"], str(v["count"])) for task, v in sorted(qa_report["per_task"].items())]
-    rows.append(("overall", f"{qa_report['overall']:.3f}", "", str(qa_report["num_questions"])))
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(rows)))
+    """Writes `qa_accuracy.png`: one row per task family with its score, baseline, geometry read-out (where
+    the report has them), metric and sample count."""
+    def cell(values: dict, key: str) -> str:
+        return f"{values[key]:.3f}" if key in values else "-"
+
+    rows = [(task, cell(v, "score"), cell(v, "baseline"), cell(v, "geometry_readout"), v["metric"], str(v["count"]))
+            for task, v in sorted(qa_report["per_task"].items())]
+    rows.append(("overall", cell(qa_report, "overall"), cell(qa_report, "overall_baseline"), "", "",
+                 str(qa_report["num_questions"])))
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.4 * len(rows)))
     ax.axis("off")
-    table = ax.table(cellText=rows, colLabels=("task", "score", "metric", "questions"), loc="center")
+    table = ax.table(cellText=rows, colLabels=("task", "score", "baseline", "geometry read-out", "metric", "questions"),
+                     loc="center")
     table.scale(1, 1.4)
     ax.set_title(f"spatial QA on the held-out split, step {step}")
     fig.tight_layout()
