@@ -206,12 +206,15 @@ def _marked_points(geometry: dict, row: int, q: EvalQuestion) -> tuple[dict[str,
 READOUT_FIT_QUESTIONS = 100  # training questions per length family that fix the read-out's metres per unit
 
 
-def readout_scales(model, tok, cfg: config_lib.ExperimentConfig) -> dict[str, float]:
-    """Metres per unit of the model's geometry, per length family (depth, distance): the median of truth /
-    read-out over the first READOUT_FIT_QUESTIONS training questions of the family. The reconstruction is
-    defined up to scale (SPEC 2), so the read-out, like the baseline, learns one number from the training split."""
-    questions = [q for q in eval_questions(cfg, READOUT_FIT_QUESTIONS, split="train", tasks=qa_generator.LENGTH_TASKS)
-                 if _readable(q)]
+def readout_scales(model, tok, cfg: config_lib.ExperimentConfig, tasks: tuple[str, ...]) -> dict[str, float]:
+    """Metres per unit of the model's geometry for the length families `tasks` (depth, distance): the median of
+    truth / read-out over the first READOUT_FIT_QUESTIONS training questions of each. The geometry is trained up
+    to scale (SPEC 2.1), so the read-out, like the baseline, learns one number per family from the training
+    split; a family the training split does not ask gets none (and no read-out)."""
+    try:
+        questions = [q for q in eval_questions(cfg, READOUT_FIT_QUESTIONS, split="train", tasks=tasks) if _readable(q)]
+    except ValueError:  # the training split asks none of them
+        return {}
     ratios: dict[str, list] = collections.defaultdict(list)
     for start in range(0, len(questions), cfg.eval.qa_batch_size):
         chunk = questions[start:start + cfg.eval.qa_batch_size]
@@ -234,7 +237,8 @@ def run_spatial_qa(spec, cfg: config_lib.ExperimentConfig, state, *, num_batches
     model = spec.model(state)
     questions = eval_questions(cfg, cfg.eval.qa_per_task)
     baselines = baseline_answers(cfg)
-    scales = readout_scales(model, tok, cfg) if any(_readable(q) for q in questions) else {}
+    lengths = tuple(sorted({q.qa.task for q in questions if _readable(q) and q.qa.task in qa_generator.LENGTH_TASKS}))
+    scales = readout_scales(model, tok, cfg, lengths) if lengths else {}
     records = []
     step = cfg.eval.qa_batch_size
     for start in range(0, len(questions), step):
