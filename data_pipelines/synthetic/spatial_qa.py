@@ -172,6 +172,11 @@ _DIRECTIONS = ("to the left of", "to the right of", "in front of (closer to the 
                "behind (farther from the camera than)")
 
 
+def _one_axis_dominates(dx: float, dz: float, min_gap: float) -> bool:
+    """Whether one of two offsets is at least twice the other and at least min_gap: the clear cases asked."""
+    return max(abs(dx), abs(dz)) >= max(2 * min(abs(dx), abs(dz)), min_gap)
+
+
 def _direction_option(offset) -> int:
     """Index in _DIRECTIONS of a camera-frame offset float[3] from X's object to Y's: the dominant axis of
     camera x (left / right) and z (in front / behind)."""
@@ -186,8 +191,8 @@ def _direction(ctx: _Context) -> QAPair | None:
         pa = camera_coords(ctx.scene.c2w[v], ctx.layout.objects[a].center)
         pb = camera_coords(ctx.scene.c2w[v], ctx.layout.objects[b].center)
         dx, dz = pb[0] - pa[0], pb[2] - pa[2]
-        if max(abs(dx), abs(dz)) < max(2 * min(abs(dx), abs(dz)), ctx.cfg.min_gap):
-            continue  # asked only when one axis dominates by 2x and by min_gap
+        if not _one_axis_dominates(dx, dz, ctx.cfg.min_gap):
+            continue
         correct = _direction_option(pb - pa)
         q = (f"In image 1, from the camera's viewpoint, where is {ctx.name(b)} (marked Y) relative to "
              f"{ctx.name(a)} (marked X)?")
@@ -230,7 +235,7 @@ def _camera_motion(ctx: _Context) -> QAPair | None:
         move, yaw = relative_motion(ctx.scene.c2w[i], ctx.scene.c2w[j])
         dx, dz = move[0], move[2]
         candidates = []
-        if max(abs(dx), abs(dz)) >= max(2 * min(abs(dx), abs(dz)), ctx.cfg.min_gap):
+        if _one_axis_dominates(dx, dz, ctx.cfg.min_gap):
             candidates.append((list(_MOVES), _move_option(move)))
         if abs(yaw) >= np.radians(15):
             candidates.append((list(_TURNS), _turn_option(yaw)))
@@ -318,10 +323,9 @@ def answer_from_geometry(qa: QAPair, marked: dict[str, np.ndarray], motion: tupl
     length = length_from_geometry(qa, marked)
     if length is not None:
         return f"{scale * length:.2f}"
-    if qa.task == "closer":  # options are the two objects' names; X's is in the question before "(marked X)"
-        name_x = qa.question.split("closer to the camera: ", 1)[1].split(" (marked X)", 1)[0]
-        name_y = qa.question.split(" (marked X) or ", 1)[1].split(" (marked Y)", 1)[0]
-        return _letter(qa, name_x if marked["X"][2] < marked["Y"][2] else name_y)
+    if qa.task == "closer":  # the options are the two objects' names; the question names X's "... (marked X)"
+        x, y = sorted(qa.choices, key=lambda c: f"{c[3:]} (marked X)" not in qa.question)
+        return (x if marked["X"][2] < marked["Y"][2] else y)[0]
     if qa.task == "direction":
         return _letter(qa, _DIRECTIONS[_direction_option(marked["Y"] - marked["X"])])
     if qa.task == "camera_motion":

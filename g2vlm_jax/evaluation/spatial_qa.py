@@ -42,6 +42,7 @@ from data_pipelines import pipeline
 from data_pipelines.scene import QAPair
 from data_pipelines.synthetic import spatial_qa as qa_generator
 from g2vlm_jax import config as config_lib
+from g2vlm_jax import geometry as geometry_lib
 from g2vlm_jax.inference import generate as gen
 from g2vlm_jax.metrics import vqa as vqa_metrics
 from g2vlm_jax.tokenizer import load_tokenizer
@@ -97,7 +98,7 @@ def eval_questions(cfg: config_lib.ExperimentConfig, per_task: int, *, split: st
             for j, qa in enumerate(scene.qa):
                 if len(by_task[qa.task]) < per_task and (tasks is None or qa.task in tasks):
                     by_task[qa.task].append((k, source, i, j, scene, qa))
-    if not by_task:
+    if not by_task and tasks is None:  # a request for some families only may find none
         raise ValueError(f"the eval sources {[s.name for s in _qa_sources(d)]} ({split}) hold no questions; "
                          "the spatial_qa evaluator needs QA scenes in every eval source of kind recon_qa/vqa")
     out = []
@@ -182,8 +183,8 @@ def score_report(records: list[dict]) -> dict:
 
 
 def _readable(q: EvalQuestion) -> bool:
-    """Whether the geometry read-out answers q: a synthetic question of a geometric family, with its frames."""
-    return q.synthetic and q.qa.task in qa_generator.GEOMETRY_TASKS and len(q.prompt.geo_images) > 0
+    """Whether the geometry read-out answers q: a synthetic question (always with its frames) of a geometric family."""
+    return q.synthetic and q.qa.task in qa_generator.GEOMETRY_TASKS
 
 
 def _marked_points(geometry: dict, row: int, q: EvalQuestion) -> tuple[dict[str, np.ndarray], tuple | None]:
@@ -192,13 +193,11 @@ def _marked_points(geometry: dict, row: int, q: EvalQuestion) -> tuple[dict[str,
     (centre, yaw) of frame 1's camera in frame 0's, or None with one frame)."""
     local = np.asarray(geometry["local_points"][row, 0], np.float64)
     c2w = np.asarray(geometry["camera_poses"][row, 0], np.float64)
-    w2c0 = np.linalg.inv(c2w[0])
     h, w = local.shape[1:3]
     marked = {}
     for frame, u, v, label in q.markers:
         point = local[frame, min(max(round(v), 0), h - 1), min(max(round(u), 0), w - 1)]
-        world = c2w[frame, :3, :3] @ point + c2w[frame, :3, 3]
-        marked[label] = w2c0[:3, :3] @ world + w2c0[:3, 3]
+        marked[label] = qa_generator.camera_coords(c2w[0], geometry_lib.transform_points(c2w[frame], point))
     motion = qa_generator.relative_motion(c2w[0], c2w[1]) if len(c2w) > 1 else None
     return marked, motion
 
@@ -211,10 +210,7 @@ def readout_scales(model, tok, cfg: config_lib.ExperimentConfig, tasks: tuple[st
     truth / read-out over the first READOUT_FIT_QUESTIONS training questions of each. The geometry is trained up
     to scale (SPEC 2.1), so the read-out, like the baseline, learns one number per family from the training
     split; a family the training split does not ask gets none (and no read-out)."""
-    try:
-        questions = [q for q in eval_questions(cfg, READOUT_FIT_QUESTIONS, split="train", tasks=tasks) if _readable(q)]
-    except ValueError:  # the training split asks none of them
-        return {}
+    questions = [q for q in eval_questions(cfg, READOUT_FIT_QUESTIONS, split="train", tasks=tasks) if _readable(q)]
     ratios: dict[str, list] = collections.defaultdict(list)
     for start in range(0, len(questions), cfg.eval.qa_batch_size):
         chunk = questions[start:start + cfg.eval.qa_batch_size]
@@ -256,9 +252,8 @@ def run_spatial_qa(spec, cfg: config_lib.ExperimentConfig, state, *, num_batches
                       "answer": qa.answer, "prediction": text, "score": score(text)}
             if qa.task in baselines:
                 record.update(baseline_answer=baselines[qa.task], baseline_score=score(baselines[qa.task]))
-            readable = _readable(q) and result.geometry is not None
             # a length family is read out only with its scale (none when the training split has no such question)
-            if readable and (qa.task in scales or qa.task not in qa_generator.LENGTH_TASKS):
+            if _readable(q) and (qa.task in scales or qa.task not in qa_generator.LENGTH_TASKS):
                 readout = qa_generator.answer_from_geometry(qa, *_marked_points(result.geometry, row, q),
                                                             scale=scales.get(qa.task, 1.0))
                 record.update(readout_answer=readout, readout_score=score(readout))
