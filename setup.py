@@ -37,7 +37,8 @@ setup(
     version="0.1.0",
     description="G2VLM (geometry-grounded VLM) in JAX/Flax NNX: train, evaluate, serve, export.",
     packages=find_packages(include=["g2vlm_jax*", "data_pipelines*", "experiments*", "tools*"]),
-    package_data={"g2vlm_jax": ["assets/*.model"]},  # the built-in sentencepiece tokenizer
+    # the built-in sentencepiece tokenizer; the native CPU attention kernel's source (compiled on first use)
+    package_data={"g2vlm_jax": ["assets/*.model", "model/kernels/*.cc"]},
     python_requires=">=3.11",
     install_requires=REQUIRED,
     extras_require={

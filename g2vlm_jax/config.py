@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 # The names a config may choose from, defined once; the modules that implement them import these.
 GeoMode = Literal["global", "frame", "mixed", "block_causal"]  # cross-frame attention (model/mask.py)
 GEO_MODES: tuple[str, ...] = get_args(GeoMode)
-AttentionKernel = Literal["auto", "xla", "blockwise", "tpu_flash", "cudnn"]  # model/attention.py
+AttentionKernel = Literal["auto", "xla", "blockwise", "cpu_fused", "tpu_flash", "cudnn"]  # model/attention.py
 ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
 Evaluator = Literal["reconstruction", "spatial_qa"]  # held-out evaluators (g2vlm_jax/evaluation/)
 EVALUATORS: tuple[str, ...] = get_args(Evaluator)

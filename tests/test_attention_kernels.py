@@ -247,5 +247,5 @@ def test_bad_kernel_requests_raise(kwargs, message):
 
 
 def test_kernels_are_listed():
-    assert set(ATTENTION_KERNELS) == {"auto", "xla", "blockwise", "tpu_flash", "cudnn"}
+    assert set(ATTENTION_KERNELS) == {"auto", "xla", "blockwise", "cpu_fused", "tpu_flash", "cudnn"}
 

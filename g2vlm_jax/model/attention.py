@@ -14,6 +14,10 @@ check it)
                quadratic in the row length.
     blockwise  flash-style online softmax in pure JAX (model/kernels/blockwise.py): memory linear,
                skips tiles the rule fully masks, custom flash backward. Any backend.
+    cpu_fused  a native fused flash forward for XLA:CPU (model/kernels/cpu_fused.{py,cc}, built on first
+               use with the system C++ compiler): matmuls, mask rule, exp and row sums per cache-sized
+               tile; memory linear. Differentiated, it is `reference_kernel`'s forward and backward (so
+               training computes what it did before). CPU only, fp32, head dim 32/64/128, one device.
     tpu_flash  Pallas (Mosaic) flash attention for TPUs (model/kernels/tpu_flash.py): the rule is
                evaluated per tile in VMEM from the same metadata, dead tiles skip both the matmuls
                and their K/V copies, flash backward in two kernels. TPU only (CPU tests run it in
@@ -21,8 +25,9 @@ check it)
     cudnn      cuDNN fused attention with the mask as a dense bf16 bias (model/kernels/cudnn.py):
                GPU only, bf16/fp16 only; the bias is quadratic (2 bytes per pair).
     auto       per backend, decided at trace time by `select_kernel`:
-                 cpu  xla while Lq * Lk <= CPU_DENSE_MAX_PAIRS (one default tile: same arithmetic,
-                      faster compile), blockwise above (faster and memory linear);
+                 cpu  cpu_fused where it runs (`cpu_fused.available()`, fp32, one device), else
+                      `reference_kernel`: xla while Lq * Lk <= CPU_DENSE_MAX_PAIRS (one default tile:
+                      same arithmetic, faster compile), blockwise above (faster and memory linear);
                  gpu  cudnn when its shape/dtype rules hold and the bias fits
                       kernels.cudnn.MAX_BIAS_BYTES, else blockwise;
                  tpu  tpu_flash. (Splash attention cannot express this rule: its masks are static
@@ -32,11 +37,13 @@ check it)
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from g2vlm_jax.config import ATTENTION_KERNELS, GeoMode
-from g2vlm_jax.model.kernels import cudnn
+from g2vlm_jax.model.kernels import cpu_fused, cudnn
 from g2vlm_jax.model.kernels.blockwise import blockwise_attention
 from g2vlm_jax.model.kernels.tpu_flash import tpu_flash_attention
 from g2vlm_jax.model.mask import MaskInfo, build_mask, check_geo_mode
@@ -60,7 +67,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_info: MaskInfo, *, 
       mask_info: metadata of the queries, fields [B, Lq].
       geo_mode, layer_idx: see `build_mask`.
       key_info: metadata of the keys, fields [B, Lk]; None means the keys are the queries' tokens.
-      kernel: 'auto' | 'xla' | 'blockwise' | 'tpu_flash' | 'cudnn' (see the module docstring).
+      kernel: 'auto' | 'xla' | 'blockwise' | 'cpu_fused' | 'tpu_flash' | 'cudnn' (see the module docstring).
       block_size: query/key block of the blockwise and tpu_flash kernels (`ModelConfig.attention_block_size`).
     Returns:
       float[B, Lq, Hq, Dh] in q's dtype; a query with no allowed key (padding) gets 0.
@@ -75,11 +82,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_info: MaskInfo, *, 
                          f"do not match q length {lq} / k length {k.shape[1]}")
     check_geo_mode(geo_mode, layer_idx)
     name = select_kernel(q, k) if kernel == "auto" else kernel
-    if name == "xla":
-        return _xla_attention(q, k, v, build_mask(mask_info, key_info, geo_mode, layer_idx))
-    if name == "blockwise":
-        return blockwise_attention(q, k, v, mask_info, key_info, geo_mode=geo_mode, layer_idx=layer_idx,
-                                   block_size=block_size)
+    if name in ("xla", "blockwise"):
+        return _reference(q, k, v, mask_info, key_info, layer_idx, kernel=name, geo_mode=geo_mode,
+                          block_size=block_size)
+    if name == "cpu_fused":
+        reason = cpu_fused.unavailable_reason() or (None if cpu_fused.supports(q) else
+                                                    f"it takes fp32 with head dim in {cpu_fused.HEAD_DIMS}")
+        if reason is not None:
+            raise ValueError(f"attention kernel 'cpu_fused' cannot run: {reason}; use kernel='auto'")
+        reference = functools.partial(_reference, kernel=reference_kernel(q, k), geo_mode=geo_mode,
+                                      block_size=block_size)
+        return cpu_fused.fused_attention(q, k, v, mask_info, key_info, 0 if layer_idx is None else layer_idx,
+                                         geo_mode=geo_mode, reference=reference)
     if name == "tpu_flash":
         return tpu_flash_attention(q, k, v, mask_info, key_info, geo_mode=geo_mode, layer_idx=layer_idx,
                                    block_size=block_size)
@@ -94,11 +108,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_info: MaskInfo, *, 
     raise ValueError(f"attention kernel {kernel!r} is not available; choose one of {list(ATTENTION_KERNELS)}")
 
 
+def _reference(q, k, v, mask_info, key_info, layer_idx, *, kernel: str, geo_mode: GeoMode, block_size: int):
+    """The XLA kernels 'xla' and 'blockwise' (also what `cpu_fused` differentiates through)."""
+    layer_idx = layer_idx if geo_mode == "mixed" else None
+    if kernel == "xla":
+        return _xla_attention(q, k, v, build_mask(mask_info, key_info, geo_mode, layer_idx))
+    return blockwise_attention(q, k, v, mask_info, key_info, geo_mode=geo_mode, layer_idx=layer_idx,
+                               block_size=block_size)
+
+
+def reference_kernel(q: jax.Array, k: jax.Array) -> str:
+    """The XLA kernel for these shapes on CPU: dense up to CPU_DENSE_MAX_PAIRS pairs a row, blockwise above."""
+    return "xla" if q.shape[1] * k.shape[1] <= CPU_DENSE_MAX_PAIRS else "blockwise"
+
+
+def cpu_fused_runs(q: jax.Array) -> bool:
+    """Whether 'auto' runs the native CPU kernel on q: built here, fp32 with its head dims, and one device (a
+    custom call is opaque to the SPMD partitioner, which would gather its operands on every device)."""
+    return cpu_fused.supports(q) and jax.device_count() == 1 and cpu_fused.available()
+
+
 def select_kernel(q: jax.Array, k: jax.Array, backend: str | None = None) -> str:
     """The kernel 'auto' runs for these shapes on `backend` (default: JAX's default backend)."""
     backend = backend or jax.default_backend()
     if backend == "cpu":
-        return "xla" if q.shape[1] * k.shape[1] <= CPU_DENSE_MAX_PAIRS else "blockwise"
+        return "cpu_fused" if cpu_fused_runs(q) else reference_kernel(q, k)
     if backend in ("gpu", "cuda") and cudnn.unsupported_reason(q, k) is None \
             and cudnn.bias_bytes(q, k) <= cudnn.MAX_BIAS_BYTES:
         return "cudnn"

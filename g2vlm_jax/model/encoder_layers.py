@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from g2vlm_jax.model.attention import select_kernel
+from g2vlm_jax.model.kernels import cpu_fused
 from g2vlm_jax.model.kernels.full_rows import full_rows_attention
 
 INIT_STD = 0.02
@@ -84,7 +85,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     only within itself, which is how the encoders keep attention inside one image / one frame.
     The kernel follows the model's (`model_kernel`; 'auto' resolved by `select_kernel` for the running
     backend): where that is the TPU's or GPU's mask kernel ('tpu_flash' / 'cudnn') XLA's fused
-    dot-product attention, which needs no mask; elsewhere (CPU; 'xla' / 'blockwise') whole-row tiles
+    dot-product attention, which needs no mask; 'cpu_fused' the native CPU kernel without a mask (under
+    differentiation: full_rows); elsewhere (CPU; 'xla' / 'blockwise') whole-row tiles
     without a mask (`kernels/full_rows.py`: exact, memory bounded by the tile, 1.5-3x faster on CPU
     than the MoT kernels on all-allowed metadata).
     """
@@ -92,6 +94,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     name = select_kernel(q, k) if kernel == "auto" else kernel
     if name in ("tpu_flash", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v)
+    if name == "cpu_fused":  # the native kernel without a mask; differentiated, full_rows
+        return cpu_fused.fused_attention(q, k, v, reference=_full_rows_reference)
+    return full_rows_attention(q, k, v)
+
+
+def _full_rows_reference(q, k, v, q_info, k_info, layer):
+    """`full_rows_attention` with the metadata arguments of a `cpu_fused` reference (none here)."""
     return full_rows_attention(q, k, v)
 
 
