@@ -76,15 +76,31 @@ inline vf exp2_neg(vf x) {
   return x <= splat(-126.0f) ? splat(0.0f) : p * scale;
 }
 
+// Horizontal max and sum of a vector: a tree of lane swaps (log2 W steps), not a chain of W scalar operations.
+inline vf swap_lanes(vf x, int half) {
+#if defined(__AVX512F__)
+  static const vi masks[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7},
+                              {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11},
+                              {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13},
+                              {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}};
+  return __builtin_shuffle(x, masks[half]);
+#else
+  static const vi masks[3] = {{4, 5, 6, 7, 0, 1, 2, 3}, {2, 3, 0, 1, 6, 7, 4, 5}, {1, 0, 3, 2, 5, 4, 7, 6}};
+  return __builtin_shuffle(x, masks[half]);
+#endif
+}
+constexpr int REDUCE_STEPS = W == 16 ? 4 : 3;
+
 inline float hmax(vf x) {
-  float m = x[0];
-  for (int i = 1; i < W; ++i) m = std::max(m, x[i]);
-  return m;
+  for (int step = 0; step < REDUCE_STEPS; ++step) {
+    const vf y = swap_lanes(x, step);
+    x = y > x ? y : x;
+  }
+  return x[0];
 }
 inline float hsum(vf x) {
-  float s = 0;
-  for (int i = 0; i < W; ++i) s += x[i];
-  return s;
+  for (int step = 0; step < REDUCE_STEPS; ++step) x += swap_lanes(x, step);
+  return x[0];
 }
 
 struct Meta {  // one side's metadata of one batch row: five int32[L] fields
@@ -254,7 +270,8 @@ void run_block(const Problem& pr, int64_t b, int64_t h, int64_t qb) {
   alignas(64) float s[BQ * BK];
   vi allowed[BQ * BK / W];
   // the query tiles of the group's heads, scaled (rows past Lq are zero), then the running output, max and sum
-  std::vector<float> qs(group * BQ * D, 0.0f), o(group * BQ * D, 0.0f), m(group * BQ, -INFINITY), l(group * BQ, 0.0f);
+  std::vector<float> qs(group * BQ * D, 0.0f), o(group * BQ * D, 0.0f), m(group * BQ, -INFINITY);
+  std::vector<vf> l(group * BQ, vf{});  // row sums kept per lane, added across lanes once at the end
   for (int64_t g = 0; g < group; ++g)
     for (int i = 0; i < nq; ++i) {
       const float* src = pr.q + ((b * pr.lq + q0 + i) * pr.hq + h * group + g) * D;
@@ -276,7 +293,7 @@ void run_block(const Problem& pr, int64_t b, int64_t h, int64_t qb) {
       qk_tile<D>(qs.data() + g * BQ * D, kt, s);
       float* og = o.data() + g * BQ * D;
       float* mg = m.data() + g * BQ;
-      float* lg = l.data() + g * BQ;
+      vf* lg = l.data() + g * BQ;
       for (int i = 0; i < BQ; ++i) {
         float* row = s + i * BK;
         if (i >= nq) {
@@ -304,7 +321,7 @@ void run_block(const Problem& pr, int64_t b, int64_t h, int64_t qb) {
           store(row + j, p);
           vsum += p;
         }
-        lg[i] = lg[i] * alpha + hsum(vsum);
+        lg[i] = lg[i] * splat(alpha) + vsum;
         mg[i] = m_new;
         if (alpha != 1.0f) {
           const vf va = splat(alpha);
@@ -317,7 +334,7 @@ void run_block(const Problem& pr, int64_t b, int64_t h, int64_t qb) {
   for (int64_t g = 0; g < group; ++g) {
     const int64_t head = h * group + g;
     for (int i = 0; i < nq; ++i) {
-      const float li = l[g * BQ + i];
+      const float li = hsum(l[g * BQ + i]);
       const float inv = li > 0 ? 1.0f / li : 0.0f;
       float* dst = pr.out + ((b * pr.lq + q0 + i) * pr.hq + head) * D;
       const float* src = o.data() + (g * BQ + i) * D;
