@@ -8,8 +8,9 @@ only: under differentiation the call is the reference kernel's own forward and b
 or `full_rows`), so training computes exactly what it computed before; inference (reconstruct, generation,
 the evaluators) runs the native forward, which agrees with the reference to float rounding (~1e-6 relative).
 
-Build: on first use per machine the source is compiled with the system C++ compiler for the CPU it runs on
-(`-march=native`: AVX-512 or AVX2 vectors) against the FFI headers that jaxlib ships, into
+Build: on first use per machine the source is compiled with the system C++ compiler (GCC: `$CXX`, else `g++`;
+the source uses GCC's vector extensions) for the CPU it runs on (`-march=native`: AVX-512 or AVX2 vectors)
+against the FFI headers that jaxlib ships, into
 `$G2VLM_KERNEL_CACHE` (default `~/.cache/g2vlm_jax/kernels`), keyed by the source, the flags, jaxlib and the
 CPU, and written under a temporary name then renamed, so concurrent processes never load half a library
 (~10 s once; later processes load it in milliseconds). Without a compiler, or if the build fails, `available()`
