@@ -119,17 +119,18 @@ def supports(q: jax.Array) -> bool:
     return q.dtype == jnp.float32 and q.shape[-1] in HEAD_DIMS
 
 
-def _metadata(info, batch: int, length: int) -> jax.Array:
-    """int32[5, B, L]: the five MaskInfo fields in the kernel's order (zeros without a mask)."""
+def _metadata(info, batch: int) -> jax.Array:
+    """int32[5, B, L]: the five MaskInfo fields in the kernel's order; without a mask an empty int32[5, B, 0]
+    (the kernel reads no metadata in mode 'none', so nothing is built or copied on the encoders' path)."""
     if info is None:
-        return jnp.zeros((5, batch, length), jnp.int32)
+        return jnp.zeros((5, batch, 0), jnp.int32)
     return jnp.stack([info.seq_order, info.document_ids, info.split_ids, info.split_full.astype(jnp.int32),
                       info.geo_frame]).astype(jnp.int32)
 
 
 def _native(mode: int, q, k, v, q_info, k_info, layer):
-    qmeta = _metadata(q_info, q.shape[0], q.shape[1])
-    kmeta = _metadata(k_info, k.shape[0], k.shape[1])
+    qmeta = _metadata(q_info, q.shape[0])
+    kmeta = _metadata(k_info, k.shape[0])
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
     return call(q, k, v, qmeta, kmeta, jnp.asarray(layer, jnp.int32), mode=np.int64(mode))
 
