@@ -271,8 +271,8 @@ def test_local_l1_gradient_does_not_depend_on_rounding_at_the_median_coordinate(
 
 
 def test_normal_loss_gradient_matches_finite_differences():
-    """The normal loss's hand-written corner-slice gradient (`losses._quad_corners`) against central finite
-    differences in float64, on a smooth surface with an invalid pixel and a depth step (edge masking)."""
+    """The normal loss's hand-written gradient (`losses._normal_loss_sum`: corner cotangents added back by a
+    2x2 convolution) against central finite differences in float64, on a smooth surface with an invalid pixel and a depth step (edge masking)."""
     rng = np.random.default_rng(3)
     v, h, w = 2, 5, 6
     u, vv = np.meshgrid(np.linspace(-1, 1, w), np.linspace(-1, 1, h))
@@ -293,3 +293,54 @@ def test_normal_loss_gradient_matches_finite_differences():
             fd[idx] = (float(loss(jnp.asarray(pred + step))) - float(loss(jnp.asarray(pred - step)))) / (2 * eps)
     assert np.abs(grad).max() > 1e-4  # the loss is not flat here
     np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-9)
+
+
+def _plain_normal_loss(pred, gt, valid):
+    """The normal loss written the straightforward way (corner slices, jnp.arctan2, autodiff), for the test below."""
+    mask = valid & ~L._depth_edge(gt[..., 2])
+    total = 0.0
+    for n_pred, n_gt, m in zip(L._triangle_normals(L._quad_corners(pred)), L._triangle_normals(L._quad_corners(gt)),
+                               L._triangle_masks(mask)):
+        c = L._cross3(n_pred, n_gt)
+        err = jnp.clip(jnp.arctan2(L._safe_sqrt(L._dot3(c, c)) + 1e-12, L._dot3(n_pred, n_gt)), L._MIN_ANGLE,
+                       L._MAX_ANGLE)
+        smooth = jnp.where(err < L._BETA, 0.5 * err * err / L._BETA, err - 0.5 * L._BETA)
+        total = total + jnp.where(m, smooth - L._NORMAL_FLOOR, 0.0)
+    return jnp.mean(total) / (4 * max(pred.shape[1:3]))
+
+
+def test_normal_loss_float32_equals_the_plain_formulation():
+    """In float32 (the fast atan2 and the convolution scatter) value and gradient equal autodiff of the plain
+    formulation at round-off, on a curved surface with invalid pixels and a depth step."""
+    rng = np.random.default_rng(4)
+    v, h, w = 3, 14, 17
+    u, vv = np.meshgrid(np.linspace(-1, 1, w), np.linspace(-0.8, 0.8, h))
+    z = 4.0 + 0.4 * np.sin(3 * u) * np.cos(2 * vv)
+    z[:, 9:] += 0.6
+    gt = jnp.asarray(np.stack([u * z, vv * z, z], -1)[None].repeat(v, 0), jnp.float32)
+    valid = jnp.asarray(rng.random((v, h, w)) > 0.1)
+    pred = gt * jnp.asarray(1 + 0.05 * rng.normal(size=gt.shape), jnp.float32)
+    value, grad = jax.value_and_grad(lambda p: L.normal_loss(p, gt, valid))(pred)
+    ref_value, ref_grad = jax.value_and_grad(lambda p: _plain_normal_loss(p, gt, valid))(pred)
+    assert float(value) > 1e-4
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=2e-6)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-4, atol=1e-6 * np.abs(ref_grad).max())
+
+
+def test_atan2_upper_matches_arctan2_to_float32_round_off():
+    """`losses._atan2_upper` (the polynomial atan2 for y >= 0) against float64 arctan2 over eleven decades, the
+    axes and the origin; its derivative equals jnp.arctan2's."""
+    rng = np.random.default_rng(5)
+    n = 200_000
+    y = (np.abs(rng.normal(size=n)) * 10.0 ** rng.uniform(-8, 3, n)).astype(np.float32)
+    x = (rng.normal(size=n) * 10.0 ** rng.uniform(-8, 3, n)).astype(np.float32)
+    y = np.concatenate([y, [0, 0, 1, 2, 0, 1e-30]]).astype(np.float32)
+    x = np.concatenate([x, [1, -1, 0, 2, 0, -1]]).astype(np.float32)
+    got = np.asarray(jax.jit(L._atan2_upper)(y, x), np.float64)
+    ref = np.arctan2(y.astype(np.float64), x.astype(np.float64))
+    assert np.abs(got - ref).max() < 4e-7
+    np.testing.assert_array_equal(got[-6:-1], np.float32([0, np.pi, np.pi / 2, np.pi / 4, 0]).astype(np.float64))
+    grads = jax.grad(lambda a, b: jnp.sum(L._atan2_upper(a, b)), argnums=(0, 1))(y[:1000], x[:1000])
+    ref_grads = jax.grad(lambda a, b: jnp.sum(jnp.arctan2(a, b)), argnums=(0, 1))(y[:1000], x[:1000])
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-6)

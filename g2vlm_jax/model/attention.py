@@ -141,11 +141,9 @@ def select_kernel(q: jax.Array, k: jax.Array, backend: str | None = None) -> str
     return "blockwise"
 
 
-def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Reference kernel: dense logits in fp32, K/V heads shared by their query group (no repeat).
-
-    q: [B, Lq, Hq, Dh], k/v: [B, Lk, Hkv, Dh], mask: bool[B, Lq, Lk] -> [B, Lq, Hq, Dh].
-    """
+def _dense_probabilities(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax probabilities fp32 [B, Hkv, G, Lq, Lk] of q [B, Lq, Hq, Dh] against k [B, Lk, Hkv, Dh] under
+    mask bool[B, Lq, Lk]; a row with no allowed key is all zeros."""
     b, lq, hq, dh = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, lq, hkv, hq // hkv, dh)  # query heads grouped by the K/V head they read
@@ -155,12 +153,49 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) ->
     logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
     # Softmax by hand so that a row with no allowed key yields zeros: its max is finfo.min, every
     # exp is then multiplied by the mask, and its (zero) denominator is replaced by 1.
-    logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    p = jnp.exp(logits) * m
-    # A row with no allowed key (padding) has denominator 0: divide by 1 there instead. Flooring the
-    # denominator at `tiny` would be fine forwards, but its backward term 1/tiny² overflows and
-    # 0 * inf poisons the whole gradient with NaN.
+    p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)) * m
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom > 0, denom, 1.0)
+    return p / jnp.where(denom > 0, denom, 1.0)
+
+
+def _dense_output(p: jax.Array, v: jax.Array, q: jax.Array) -> jax.Array:
+    b, lq, hq, dh = q.shape
     out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, lq, hq, dh).astype(q.dtype)
+
+
+@jax.custom_vjp
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Reference kernel: dense logits in fp32, K/V heads shared by their query group (no repeat).
+
+    q: [B, Lq, Hq, Dh], k/v: [B, Lk, Hkv, Dh], mask: bool[B, Lq, Lk] -> [B, Lq, Hq, Dh].
+    The backward is the softmax gradient in the flash-attention form, dS = P (dP - rowsum(dO O)): its row
+    sums run over Dh values instead of Lk probabilities (autodiff's rowsum(dP P) was the largest item of the
+    tiny train step's profile: XLA:CPU ran that [Lq, Lk] reduction at ~7 ns an element). Checked against
+    autodiff of the plain softmax in tests/test_attention_kernels.py.
+    """
+    return _dense_output(_dense_probabilities(q, k, mask), v, q)
+
+
+def _xla_attention_fwd(q, k, v, mask):
+    p = _dense_probabilities(q, k, mask)
+    out = _dense_output(p, v, q)
+    return out, (q, k, v, p, out)
+
+
+def _xla_attention_bwd(residuals, dout):
+    q, k, v, p, out = residuals
+    b, lq, hq, dh = q.shape
+    hkv = k.shape[2]
+    grouped = (b, lq, hkv, hq // hkv, dh)
+    qg, dog = q.reshape(grouped).astype(jnp.float32), dout.reshape(grouped).astype(jnp.float32)
+    delta = jnp.einsum("bqhgd,bqhgd->bhgq", dog, out.reshape(grouped).astype(jnp.float32))  # rowsum(dO O)
+    dp = jnp.einsum("bqhgd,bkhd->bhgqk", dog, v, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[..., None]) * (1.0 / jnp.sqrt(jnp.float32(dh)))
+    dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, k, preferred_element_type=jnp.float32).reshape(q.shape)
+    dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, qg, preferred_element_type=jnp.float32)
+    dv = jnp.einsum("bhgqk,bqhgd->bkhd", p, dog, preferred_element_type=jnp.float32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
