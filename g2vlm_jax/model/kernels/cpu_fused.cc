@@ -15,7 +15,6 @@
 // AVX-512, 8 with AVX2), so the same source builds on either. Measured on a 2-core AMD EPYC with AVX-512, one
 // MoT layer's attention at L = 8,320 (6/2 heads of 64, reconstruction metadata): 0.58 s, 185 GFLOP/s, against
 // 0.81-0.86 s for the pure-JAX blockwise kernel; the register tiles alone run at 110-115 GFLOP/s a core.
-// On a 2-core Intel Xeon with AVX-512 (two FMA ports): 0.447 s (237 GFLOP/s; XLA's fp32 dots there: 156-270).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -234,7 +233,7 @@ struct Problem {
   int mode;
   bool odd;
   int64_t nqb, nkb;
-  float *kt, *vt;  // packed keys [b][hkv][nkb][D][BK] and values [b][hkv][nkb][BK][D], zero padded
+  std::vector<float> kt, vt;  // packed keys [b][hkv][nkb][D][BK] and values [b][hkv][nkb][BK][D], zero padded
   std::vector<KeyTile> key_tiles;  // [b][nkb] key metadata (masked modes)
   std::vector<Summary> q_summary, k_summary;  // [b][nqb], [b][nkb]
 };
@@ -248,15 +247,11 @@ Meta meta_of(const int32_t* base, int64_t b, int64_t batch, int64_t len) {
 template <int D>
 void pack_kv(Problem& pr, int64_t b, int64_t h) {
   for (int64_t kb = 0; kb < pr.nkb; ++kb) {
-    float* kt = pr.kt + (((b * pr.hkv + h) * pr.nkb + kb) * D * BK);
-    float* vt = pr.vt + (((b * pr.hkv + h) * pr.nkb + kb) * BK * D);
+    float* kt = pr.kt.data() + (((b * pr.hkv + h) * pr.nkb + kb) * D * BK);
+    float* vt = pr.vt.data() + (((b * pr.hkv + h) * pr.nkb + kb) * BK * D);
     for (int j = 0; j < BK; ++j) {
       const int64_t key = kb * BK + j;
-      if (key >= pr.lk) {  // padding keys: zeros (their logits are masked; 0 * V must not meet stale NaNs)
-        for (int d = 0; d < D; ++d) kt[d * BK + j] = 0.0f;
-        std::memset(vt + j * D, 0, D * sizeof(float));
-        continue;
-      }
+      if (key >= pr.lk) break;  // the tile buffers were zero-filled
       const float* ksrc = pr.k + ((b * pr.lk + key) * pr.hkv + h) * D;
       const float* vsrc = pr.v + ((b * pr.lk + key) * pr.hkv + h) * D;
       for (int d = 0; d < D; ++d) kt[d * BK + j] = ksrc[d];
@@ -292,8 +287,8 @@ void run_block(const Problem& pr, int64_t b, int64_t h, int64_t qb) {
       if (kind == 2 && !tile_mask(pr.mode, pr.odd, qm, q0, nq, pr.key_tiles[b * pr.nkb + kb], allowed)) kind = 0;
       if (kind == 0) continue;
     }
-    const float* kt = pr.kt + (((b * pr.hkv + h) * pr.nkb + kb) * D * BK);
-    const float* vt = pr.vt + (((b * pr.hkv + h) * pr.nkb + kb) * BK * D);
+    const float* kt = pr.kt.data() + (((b * pr.hkv + h) * pr.nkb + kb) * D * BK);
+    const float* vt = pr.vt.data() + (((b * pr.hkv + h) * pr.nkb + kb) * BK * D);
     for (int64_t g = 0; g < group; ++g) {
       qk_tile<D>(qs.data() + g * BQ * D, kt, s);
       float* og = o.data() + g * BQ * D;
@@ -318,7 +313,7 @@ void run_block(const Problem& pr, int64_t b, int64_t h, int64_t qb) {
           continue;
         }
         const float m_new = std::max(mg[i], tile_max);
-        // the vector polynomial on one lane: libm's scalar exp2f was 2.5 % of a 518x392 reconstruction
+        // the vector polynomial on one lane: libm's scalar exp2f was 2.5 % of a 518x392 reconstruction's samples
         const float alpha = mg[i] == -INFINITY ? 0.0f : exp2_neg(splat(mg[i] - m_new))[0];
         vf vsum{};
         const vf vm = splat(m_new);
@@ -380,14 +375,8 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const std::function<void(int
 
 template <int D>
 void run(Problem& pr, ffi::ThreadPool& pool) {
-  // The packed K/V live in a buffer of the calling thread, kept across calls: allocating and zero-filling them
-  // afresh cost page faults and clearing on every call (3 % of a 24-view reconstruction). It grows to the
-  // largest call a thread has made (2 x 12.8 MB at 24 views of 518x392 with 2 K/V heads of 64). XLA may run
-  // two calls at once, but on different threads; a call's helpers only read the buffer while it waits.
-  thread_local std::vector<float> packed;
-  const size_t kv_size = static_cast<size_t>(pr.b * pr.hkv * pr.nkb) * D * BK;
-  if (packed.size() < 2 * kv_size) packed.resize(2 * kv_size);
-  pr.kt = packed.data(), pr.vt = packed.data() + kv_size;
+  pr.kt.assign(pr.b * pr.hkv * pr.nkb * D * BK, 0.0f);
+  pr.vt.assign(pr.b * pr.hkv * pr.nkb * BK * D, 0.0f);
   parallel_for(pool, pr.b * pr.hkv, [&](int64_t i) { pack_kv<D>(pr, i / pr.hkv, i % pr.hkv); });
   if (pr.mode != 0) {
     pr.key_tiles.assign(pr.b * pr.nkb, KeyTile{});  // zero: padding keys are in document 0
