@@ -272,7 +272,8 @@ def test_local_l1_gradient_does_not_depend_on_rounding_at_the_median_coordinate(
 
 def test_normal_loss_gradient_matches_finite_differences():
     """The normal loss's hand-written gradient (`losses._normal_loss_sum`: corner cotangents added back by a
-    2x2 convolution) against central finite differences in float64, on a smooth surface with an invalid pixel and a depth step (edge masking)."""
+    2x2 convolution) against central finite differences in float64, on a smooth surface with an invalid pixel
+    and a depth step (edge masking)."""
     rng = np.random.default_rng(3)
     v, h, w = 2, 5, 6
     u, vv = np.meshgrid(np.linspace(-1, 1, w), np.linspace(-1, 1, h))

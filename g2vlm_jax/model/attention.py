@@ -159,9 +159,9 @@ def _dense_probabilities(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Arr
 
 
 def _dense_output(p: jax.Array, v: jax.Array, q: jax.Array) -> jax.Array:
-    b, lq, hq, dh = q.shape
+    """Probabilities p [B, Hkv, G, Lq, Lk] applied to v [B, Lk, Hkv, Dh] -> [B, Lq, Hq, Dh] in q's dtype."""
     out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, lq, hq, dh).astype(q.dtype)
+    return out.reshape(q.shape).astype(q.dtype)
 
 
 @jax.custom_vjp
