@@ -41,7 +41,7 @@ def _fused_and_xla(q, k, v, info, key_info, mode, layer):
 @pytest.mark.parametrize("mode, layer", MODES)
 def test_forward_matches_xla_on_random_metadata(mode, layer):
     """Structured random metadata (documents, padding, frames, shuffled reading order: tiles of every kind),
-    GQA 6/2, lengths that are no multiple of the kernel's 64 x 128 tiles, and queries != keys (decoding)."""
+    GQA 6/2, lengths that are no multiple of the kernel's 96 x 128 tiles, and queries != keys (decoding)."""
     rng = np.random.default_rng(1)
     q, k, v = _qkv(2, 300, 300, (6, 2), 64)
     info = _info(rng, 300, 2)

@@ -1,7 +1,7 @@
 """A fused attention forward for XLA:CPU: the native kernel `cpu_fused.cc`, an XLA FFI custom call.
 
 Why: XLA:CPU runs a tile's two matmuls, its max, exp and sum as separate operations, so every logit goes
-through memory about five times (docs/PERFORMANCE.md, issue #23); the native kernel keeps a 64 x 128 tile in
+through memory about five times (docs/PERFORMANCE.md, issue #23); the native kernel keeps a 96 x 128 tile in
 the cache, evaluates the mask rule of model/mask.py per tile from the metadata (whole tiles that the rule
 allows or forbids are decided from per-block summaries), and runs the matmuls in register tiles. Forward
 only: under differentiation the call is the reference kernel's own forward and backward (`blockwise`, `xla`
